@@ -1,0 +1,245 @@
+"""The Megatron actor: a TP/PP/DP-sharded ``GPTModel`` that computes log-probs and takes DAPO optimiser steps.
+
+Batches are dicts of ``[batch, seq]`` tensors in *label coordinates*: position t holds the token predicted
+at t (``labels``), its mask (``loss_mask``: response tokens to train on), ``old_logprobs``, ``advantages``
+and optionally ``rollout_is_weights`` and ``ref_logprobs``. Every rank passes the same full batch; the
+actor takes its data-parallel slice.
+
+Loss normalisation follows Megatron's per-token contract: each micro-batch's loss function returns
+``(loss_numerator, count, metrics)``; Megatron sums numerators' gradients over micro-batches and DP ranks and
+``finalize_model_grads`` divides by the step's total count (pitfall 1).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from transformers import AutoConfig
+
+from megatron_dapo.actor.model import build_gpt_model, transformer_config_from_hf
+from megatron_dapo.actor.token_logprobs import token_logprobs_and_entropy
+from megatron_dapo.batch import split_batch
+from megatron_dapo.algorithm import aggregate_loss_terms, clipped_pg_losses, kl_penalty_k3
+from megatron_dapo.config import DapoConfig
+from megatron_dapo.weights.hf_mapping import ModelLayout
+from megatron_dapo.weights.transfer import gather_hf_state, load_hf_checkpoint
+
+Batch = dict[str, torch.Tensor]
+
+# Per-micro-batch sums reduced over micro-batches and DP ranks after a step (token- or sequence-weighted).
+_SUM_KEYS = ("loss_numerator", "loss_count", "tokens", "clip_high", "clip_low", "clip_dual", "ppo_kl", "kl")
+
+
+def _data_parallel_slice(batch: Batch) -> Batch:
+    dp_size = parallel_state.get_data_parallel_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    size = next(iter(batch.values())).shape[0]
+    if size % dp_size:
+        raise ValueError(f"batch of {size} samples does not split over {dp_size} data-parallel ranks")
+    share = size // dp_size
+    return {k: v[dp_rank * share : (dp_rank + 1) * share] for k, v in batch.items()}
+
+
+class MegatronActor:
+    """Policy model under megatron-core: forward-only log-probs and token-level DAPO updates."""
+
+    def __init__(self, config: DapoConfig, hf_dir: str, total_steps: int) -> None:
+        self.config = config
+        self.hf_config = AutoConfig.from_pretrained(hf_dir)
+        self.layout = ModelLayout.from_hf_config(self.hf_config)
+        self.transformer_config = transformer_config_from_hf(
+            self.hf_config, config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size
+        )
+        model = self._build_and_load(hf_dir)
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False)
+        self.model = DistributedDataParallel(config=self.transformer_config, ddp_config=ddp_config, module=model)
+        self.transformer_config.finalize_model_grads_func = finalize_model_grads
+        self.transformer_config.no_sync_func = self.model.no_sync
+        opt = config.optimizer
+        self.optimizer = get_megatron_optimizer(
+            MegatronOptimizerConfig(
+                optimizer="adam",
+                lr=opt.lr,
+                min_lr=opt.min_lr,
+                weight_decay=opt.weight_decay,
+                adam_beta1=opt.adam_beta1,
+                adam_beta2=opt.adam_beta2,
+                adam_eps=opt.adam_eps,
+                clip_grad=opt.clip_grad,
+                params_dtype=torch.float32,
+            ),
+            [self.model],
+        )
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if opt.lr_warmup_steps > 0 else opt.lr,
+            max_lr=opt.lr,
+            min_lr=opt.min_lr,
+            lr_warmup_steps=opt.lr_warmup_steps,
+            lr_decay_steps=max(total_steps, opt.lr_warmup_steps + 1),
+            lr_decay_style="constant",
+            start_wd=opt.weight_decay,
+            end_wd=opt.weight_decay,
+            wd_incr_steps=max(total_steps, 1),
+            wd_incr_style="constant",
+        )
+        self.ref_model = self._build_and_load(hf_dir).eval() if config.algorithm.kl_coef > 0 else None
+
+    def _build_and_load(self, hf_dir: str) -> torch.nn.Module:
+        model = build_gpt_model(self.hf_config, self.transformer_config, self.config.model.make_vocab_size_divisible_by)
+        load_hf_checkpoint(model, hf_dir, self.layout)
+        return model
+
+    # ------------------------------------------------------------------ forward-only log-probs
+    def _forward(self, model: torch.nn.Module, micro_batch: Batch) -> torch.Tensor:
+        input_ids = micro_batch["input_ids"]
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return model(input_ids, position_ids, None)
+
+    def _logprob_loss_func(self, micro_batch: Batch, temperature: float, output: torch.Tensor):
+        logprobs, entropy = token_logprobs_and_entropy(
+            output, micro_batch["labels"], self.layout.vocab_size, temperature
+        )
+        zero = logprobs.sum() * 0.0
+        return zero, micro_batch["loss_mask"].sum().int(), {"logprobs": logprobs.detach(), "entropy": entropy}
+
+    @torch.no_grad()
+    def compute_logprobs(
+        self, batch: Batch, temperature: float, use_reference: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logprobs, entropy)`` ``[batch, seq]`` of ``batch['labels']`` for the whole batch, on every rank."""
+        model = self.ref_model if use_reference else self.model
+        model.eval()
+        local = _data_parallel_slice({k: batch[k] for k in ("input_ids", "labels", "loss_mask")})
+        micro = split_batch(local, self.config.parallel.micro_batch_size)
+
+        def forward_step(data_iterator: Iterator[Batch], model_chunk: torch.nn.Module):
+            micro_batch = next(data_iterator)
+            return self._forward(model_chunk, micro_batch), partial(self._logprob_loss_func, micro_batch, temperature)
+
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro),
+            model=[model],
+            num_microbatches=len(micro),
+            seq_length=local["input_ids"].shape[1],
+            micro_batch_size=self.config.parallel.micro_batch_size,
+            forward_only=True,
+        )
+        shape = local["input_ids"].shape
+        if parallel_state.is_pipeline_last_stage():
+            logprobs = torch.cat([o["logprobs"] for o in outputs])
+            entropy = torch.cat([o["entropy"] for o in outputs])
+        else:
+            logprobs, entropy = torch.empty(shape), torch.empty(shape)
+        pp_group = parallel_state.get_pipeline_model_parallel_group()
+        last_pp_rank = parallel_state.get_pipeline_model_parallel_last_rank()
+        for tensor in (logprobs, entropy):
+            dist.broadcast(tensor, src=last_pp_rank, group=pp_group)
+        return self._gather_data_parallel(logprobs), self._gather_data_parallel(entropy)
+
+    @staticmethod
+    def _gather_data_parallel(tensor: torch.Tensor) -> torch.Tensor:
+        dp_size = parallel_state.get_data_parallel_world_size()
+        if dp_size == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(dp_size)]
+        dist.all_gather(parts, tensor.contiguous(), group=parallel_state.get_data_parallel_group())
+        return torch.cat(parts)
+
+    # ------------------------------------------------------------------ training
+    def _policy_loss_func(self, micro_batch: Batch, output: torch.Tensor):
+        alg = self.config.algorithm
+        logprobs, entropy = token_logprobs_and_entropy(
+            output, micro_batch["labels"], self.layout.vocab_size, self.config.rollout.temperature
+        )
+        mask = micro_batch["loss_mask"]
+        loss_mat, pg_metrics = clipped_pg_losses(
+            logprobs,
+            micro_batch["old_logprobs"],
+            micro_batch["advantages"],
+            mask,
+            alg.clip_ratio_low,
+            alg.clip_ratio_high,
+            alg.clip_ratio_c,
+            micro_batch.get("rollout_is_weights"),
+        )
+        kl_sum = torch.zeros(())
+        if "ref_logprobs" in micro_batch:
+            kl = kl_penalty_k3(logprobs, micro_batch["ref_logprobs"])
+            loss_mat = loss_mat + alg.kl_coef * kl
+            kl_sum = (kl.detach() * mask).sum()
+        numerator, count = aggregate_loss_terms(loss_mat, mask, alg.loss_agg_mode, self.config.rollout.max_response_length)
+        tokens = mask.sum()
+        sums = {
+            "loss_numerator": numerator.detach(),
+            "loss_count": count,
+            "tokens": tokens,
+            "clip_high": pg_metrics["pg_clipfrac/high"] * tokens,
+            "clip_low": pg_metrics["pg_clipfrac/low"] * tokens,
+            "clip_dual": pg_metrics.get("pg_clipfrac/dual", torch.zeros(())) * tokens,
+            "ppo_kl": pg_metrics["ppo_kl"] * tokens,
+            "kl": kl_sum,
+        }
+        return numerator, count.int(), sums
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """One optimiser step over ``batch`` (a mini-batch: all ranks pass the same full tensors)."""
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        local = _data_parallel_slice(batch)
+        micro = split_batch(local, self.config.parallel.micro_batch_size)
+
+        def forward_step(data_iterator: Iterator[Batch], model_chunk: torch.nn.Module):
+            micro_batch = next(data_iterator)
+            return self._forward(model_chunk, micro_batch), partial(self._policy_loss_func, micro_batch)
+
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro),
+            model=[self.model],
+            num_microbatches=len(micro),
+            seq_length=local["input_ids"].shape[1],
+            micro_batch_size=self.config.parallel.micro_batch_size,
+            forward_only=False,
+        )
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        sums = torch.zeros(len(_SUM_KEYS), dtype=torch.float64)
+        if parallel_state.is_pipeline_last_stage():
+            for output in outputs:
+                sums += torch.stack([output[k].double() for k in _SUM_KEYS])
+        # Sum over DP ranks (and bring the last stage's values to every rank of the pipeline).
+        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        dist.broadcast(
+            sums,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+        total = dict(zip(_SUM_KEYS, sums.tolist()))
+        tokens = max(total["tokens"], 1.0)
+        return {
+            "actor/pg_loss": total["loss_numerator"] / max(total["loss_count"], 1e-8),
+            "actor/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "actor/lr": self.optimizer.param_groups[0]["lr"],
+            "actor/ppo_kl": total["ppo_kl"] / tokens,
+            "actor/kl_ref": total["kl"] / tokens,
+            "pg_clipfrac/high": total["clip_high"] / tokens,
+            "pg_clipfrac/low": total["clip_low"] / tokens,
+            "pg_clipfrac/dual": total["clip_dual"] / tokens,
+        }
+
+    # ------------------------------------------------------------------ weights out
+    def hf_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full HF-named weights on global rank 0 (``None`` elsewhere); collective."""
+        return gather_hf_state(self.model, self.layout)

@@ -1,0 +1,125 @@
+"""Build a megatron-core ``GPTModel`` (this rank's pipeline stage) from a Hugging Face Qwen2/Llama config."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+from transformers import PretrainedConfig
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+
+
+def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tp_size: int) -> int:
+    """Megatron's padded vocabulary: the next multiple of ``make_vocab_size_divisible_by * tp_size``."""
+    multiple = make_vocab_size_divisible_by * tp_size
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine imports and CUDA is present (the GPU layer spec can be used)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def layer_spec() -> ModuleSpec:
+    """Transformer Engine's layer spec on GPU, megatron-core's local spec otherwise."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if transformer_engine_available():
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def validate_hf_config(hf_config: PretrainedConfig, tp_size: int, pp_size: int) -> None:
+    """Refuse HF configs this actor cannot represent, naming the field and the fix."""
+    if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model config field 'model_type' is {hf_config.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}"
+        )
+    heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    if heads % tp_size or groups % tp_size:
+        raise ValueError(
+            f"parallel.tensor_model_parallel_size={tp_size} must divide num_attention_heads={heads} "
+            f"and num_key_value_heads={groups} of the model config; choose a divisor of {groups}"
+        )
+    if hf_config.num_hidden_layers % pp_size:
+        raise ValueError(
+            f"parallel.pipeline_model_parallel_size={pp_size} must divide "
+            f"num_hidden_layers={hf_config.num_hidden_layers} of the model config"
+        )
+    rope_type = (getattr(hf_config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type != "default":
+        raise ValueError(f"model config field 'rope_parameters.rope_type' is {rope_type!r}; only 'default' RoPE is supported")
+
+
+def rope_theta(hf_config: PretrainedConfig) -> float:
+    """RoPE base of an HF config (``rope_theta``, or ``rope_parameters['rope_theta']`` in transformers 5)."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
+    if theta is None:
+        raise ValueError("model config has no 'rope_theta'; Qwen2.5 uses 1000000.0")
+    return float(theta)
+
+
+def transformer_config_from_hf(
+    hf_config: PretrainedConfig, tp_size: int, pp_size: int, params_dtype: torch.dtype = torch.float32
+) -> TransformerConfig:
+    """megatron-core ``TransformerConfig`` equivalent to a Qwen2/Llama HF config, with per-token loss on."""
+    validate_hf_config(hf_config, tp_size, pp_size)
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=hf_config.num_key_value_heads,
+        kv_channels=head_dim,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        add_bias_linear=False,
+        add_qkv_bias=hf_config.model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=not on_gpu,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        tensor_model_parallel_size=tp_size,
+        pipeline_model_parallel_size=pp_size,
+        calculate_per_token_loss=True,
+    )
+
+
+def build_gpt_model(
+    hf_config: PretrainedConfig, config: TransformerConfig, make_vocab_size_divisible_by: int
+) -> GPTModel:
+    """This rank's ``GPTModel`` stage; RoPE base and tied embeddings come from the HF config."""
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(),
+        vocab_size=padded_vocab_size(hf_config.vocab_size, make_vocab_size_divisible_by, tp_size),
+        max_sequence_length=hf_config.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
+        position_embedding_type="rope",
+        rotary_base=rope_theta(hf_config),
+    )

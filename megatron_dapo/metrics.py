@@ -1,0 +1,42 @@
+"""Step metrics to ``metrics.jsonl`` and TensorBoard (global rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+class MetricsLogger:
+    """Appends one JSON line per step and mirrors scalars to TensorBoard."""
+
+    def __init__(self, output_dir: str | Path, tensorboard: bool = True) -> None:
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.writer is not None:
+            for name, value in metrics.items():
+                self.writer.add_scalar(name, value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+@contextmanager
+def timed(metrics: dict[str, float], name: str) -> Iterator[None]:
+    """Record the wall time of a block as ``timing/<name>`` seconds."""
+    start = time.perf_counter()
+    yield
+    metrics[f"timing/{name}"] = time.perf_counter() - start

@@ -1,0 +1,108 @@
+"""Build the CPU toy policy offline: character tokenizer, tiny Qwen2, short supervised warm start.
+
+The warm start teaches the answer format and most of the arithmetic, so that sampled accuracy starts well
+between 0 and 1 and DAPO has groups with reward spread to learn from.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from megatron_dapo.config import ToyModelConfig
+from megatron_dapo.data.dataset import PromptRecord
+
+PAD_TOKEN = "<|endoftext|>"
+EOS_TOKEN = "<|im_end|>"
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+TOY_VOCAB_SIZE = 96  # config vocabulary: larger than the tokenizer's, as for Qwen2.5
+
+
+def build_toy_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer (digits, letters, punctuation, space) with Qwen-style special tokens."""
+    characters = string.digits + string.ascii_letters + " +-*/=:.,?$\\{}()"
+    vocab = {PAD_TOKEN: 0, EOS_TOKEN: 1, **{ch: i + 2 for i, ch in enumerate(characters)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD_TOKEN))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN)
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def toy_hf_config(cfg: ToyModelConfig, tokenizer: PreTrainedTokenizerFast) -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=TOY_VOCAB_SIZE,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+
+
+def _demonstrated_answer(ground_truth: str, noise: float, rng: random.Random) -> str:
+    """The teacher's answer: correct, or with probability ``noise`` off by 1–9."""
+    if rng.random() >= noise:
+        return ground_truth
+    return str(int(ground_truth) + rng.choice([-1, 1]) * rng.randint(1, 9))
+
+
+def _sft_batch(
+    records: list[PromptRecord], tokenizer: PreTrainedTokenizerFast, noise: float, rng: random.Random
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``labels`` (−100 outside the response) for prompt → ``Answer: x<eos>``."""
+    sequences, labels = [], []
+    for record in records:
+        prompt = tokenizer.apply_chat_template(record.messages, tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer.encode(prompt)
+        answer = _demonstrated_answer(record.ground_truth, noise, rng)
+        response_ids = tokenizer.encode(f"Answer: {answer}") + [tokenizer.eos_token_id]
+        sequences.append(prompt_ids + response_ids)
+        labels.append([-100] * len(prompt_ids) + response_ids)
+    width = max(map(len, sequences))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
+    label_ids = torch.tensor([l + [-100] * (width - len(l)) for l in labels])
+    return input_ids, label_ids
+
+
+def build_toy_checkpoint(
+    cfg: ToyModelConfig, records: list[PromptRecord], out_dir: str | Path, seed: int
+) -> Path:
+    """Create, warm-start and save the toy policy as an HF folder.
+
+    The warm start imitates a noisy teacher (a share ``cfg.sft_answer_noise`` of demonstrated answers is off by
+    1–9): the policy learns the arithmetic but samples wrong answers often, like a base model that knows more
+    than it reliably says — the situation DAPO's sharpening of correct answers improves.
+    """
+    torch.manual_seed(seed)
+    tokenizer = build_toy_tokenizer()
+    model = Qwen2ForCausalLM(toy_hf_config(cfg, tokenizer))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    model.train()
+    for _ in range(cfg.sft_steps):
+        picks = torch.randint(len(records), (cfg.sft_batch_size,), generator=generator).tolist()
+        input_ids, labels = _sft_batch([records[i] for i in picks], tokenizer, cfg.sft_answer_noise, rng)
+        loss = model(input_ids=input_ids, attention_mask=(input_ids != tokenizer.pad_token_id).long(), labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,174 @@
+"""The one Megatron ⇄ Hugging Face name and layout mapping (Qwen2/Qwen2.5, Llama).
+
+A Megatron parameter (by its name inside one pipeline stage) maps to one or more HF tensors and a layout
+``kind`` saying how its tensor-parallel shard is built from them and how all shards merge back:
+
+- ``replicated``: norms; identical on every TP rank.
+- ``vocab``: embedding / output rows, padded to Megatron's padded vocabulary, split by rows. Padding is
+  stripped on export (pitfall 9).
+- ``column``: split by rows.  ``row``: split by columns (``linear_proj``, ``linear_fc2``).
+- ``qkv``: HF q/k/v interleaved per KV group as ``[q_1 … q_{h/g}, k, v] × g`` (weight and bias), then split
+  by rows: a TP shard owns whole KV groups (pitfall 7).
+- ``gate_up``: each TP shard is ``[gate_r; up_r]`` (pitfall 8).
+
+Both layer specs are covered: the local spec's ``input_layernorm``/``pre_mlp_layernorm`` and Transformer
+Engine's fused ``linear_qkv.layer_norm_weight``/``linear_fc1.layer_norm_weight``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+# Megatron per-layer suffix -> (kind, HF per-layer suffixes)
+_LAYER_MAP: dict[str, tuple[str, tuple[str, ...]]] = {
+    "input_layernorm.weight": ("replicated", ("input_layernorm.weight",)),
+    "self_attention.linear_qkv.layer_norm_weight": ("replicated", ("input_layernorm.weight",)),
+    "self_attention.linear_qkv.weight": (
+        "qkv",
+        ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    ),
+    "self_attention.linear_qkv.bias": (
+        "qkv",
+        ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    ),
+    "self_attention.linear_proj.weight": ("row", ("self_attn.o_proj.weight",)),
+    "pre_mlp_layernorm.weight": ("replicated", ("post_attention_layernorm.weight",)),
+    "mlp.linear_fc1.layer_norm_weight": ("replicated", ("post_attention_layernorm.weight",)),
+    "mlp.linear_fc1.weight": ("gate_up", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
+    "mlp.linear_fc2.weight": ("row", ("mlp.down_proj.weight",)),
+}
+_GLOBAL_MAP: dict[str, tuple[str, tuple[str, ...]]] = {
+    "embedding.word_embeddings.weight": ("vocab", ("model.embed_tokens.weight",)),
+    "decoder.final_layernorm.weight": ("replicated", ("model.norm.weight",)),
+    "output_layer.weight": ("vocab", ("lm_head.weight",)),
+}
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """What the layout transforms need to know about the model (from the HF config)."""
+
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_hf_config(cls, hf_config) -> "ModelLayout":
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        return cls(
+            num_attention_heads=hf_config.num_attention_heads,
+            num_key_value_heads=hf_config.num_key_value_heads,
+            head_dim=head_dim,
+            vocab_size=hf_config.vocab_size,
+            tie_word_embeddings=bool(hf_config.tie_word_embeddings),
+        )
+
+
+@dataclass(frozen=True)
+class ParamMapping:
+    """How one Megatron parameter relates to HF tensors."""
+
+    megatron_name: str
+    kind: str
+    hf_names: tuple[str, ...]
+
+
+def param_mapping(megatron_name: str, global_layer_index: int | None, layout: ModelLayout) -> ParamMapping:
+    """Mapping of a stage-local Megatron parameter name; ``global_layer_index`` for ``decoder.layers.*``.
+
+    With tied embeddings the output layer (a copy Megatron keeps on the last pipeline stage) maps to
+    ``model.embed_tokens.weight``: HF has no ``lm_head.weight`` then (pitfall 10).
+    """
+    match = _LAYER.match(megatron_name)
+    if match:
+        suffix = match.group(2)
+        if suffix not in _LAYER_MAP:
+            raise KeyError(f"no Hugging Face mapping for Megatron parameter {megatron_name!r}")
+        kind, hf_suffixes = _LAYER_MAP[suffix]
+        prefix = f"model.layers.{global_layer_index}."
+        return ParamMapping(megatron_name, kind, tuple(prefix + s for s in hf_suffixes))
+    if megatron_name not in _GLOBAL_MAP:
+        raise KeyError(f"no Hugging Face mapping for Megatron parameter {megatron_name!r}")
+    kind, hf_names = _GLOBAL_MAP[megatron_name]
+    if megatron_name == "output_layer.weight" and layout.tie_word_embeddings:
+        hf_names = ("model.embed_tokens.weight",)
+    return ParamMapping(megatron_name, kind, hf_names)
+
+
+def _interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: ModelLayout) -> torch.Tensor:
+    groups, d = layout.num_key_value_heads, layout.head_dim
+    per_group = layout.num_attention_heads // groups
+    trailing = q.shape[1:]
+    qkv = torch.cat(
+        [q.reshape(groups, per_group, d, *trailing), k.reshape(groups, 1, d, *trailing), v.reshape(groups, 1, d, *trailing)],
+        dim=1,
+    )
+    return qkv.reshape(-1, *trailing)
+
+
+def _split_qkv(qkv: torch.Tensor, layout: ModelLayout) -> list[torch.Tensor]:
+    groups, d = layout.num_key_value_heads, layout.head_dim
+    per_group = layout.num_attention_heads // groups
+    trailing = qkv.shape[1:]
+    q, k, v = qkv.reshape(groups, per_group + 2, d, *trailing).split([per_group, 1, 1], dim=1)
+    return [t.reshape(-1, *trailing) for t in (q, k, v)]
+
+
+def hf_to_megatron(
+    mapping: ParamMapping,
+    hf_tensors: list[torch.Tensor],
+    layout: ModelLayout,
+    tp_rank: int,
+    tp_size: int,
+    padded_rows: int | None = None,
+) -> torch.Tensor:
+    """TP shard ``tp_rank`` of ``mapping.megatron_name`` built from its HF tensors (in ``hf_names`` order).
+
+    ``padded_rows`` is Megatron's full padded vocabulary size, needed for ``vocab`` parameters.
+    """
+    kind = mapping.kind
+    if kind == "replicated":
+        return hf_tensors[0]
+    if kind == "vocab":
+        full = hf_tensors[0]
+        if padded_rows is None or padded_rows < full.shape[0]:
+            raise ValueError(f"{mapping.megatron_name}: padded vocabulary {padded_rows} < HF rows {full.shape[0]}")
+        padded = full.new_zeros((padded_rows, *full.shape[1:]))
+        padded[: full.shape[0]] = full
+        return padded.chunk(tp_size, dim=0)[tp_rank]
+    if kind == "column":
+        return hf_tensors[0].chunk(tp_size, dim=0)[tp_rank]
+    if kind == "row":
+        return hf_tensors[0].chunk(tp_size, dim=1)[tp_rank]
+    if kind == "gate_up":
+        gate, up = hf_tensors
+        return torch.cat([gate.chunk(tp_size, dim=0)[tp_rank], up.chunk(tp_size, dim=0)[tp_rank]], dim=0)
+    if kind == "qkv":
+        return _interleave_qkv(*hf_tensors, layout).chunk(tp_size, dim=0)[tp_rank]
+    raise ValueError(f"unknown layout kind {kind!r}")
+
+
+def megatron_to_hf(mapping: ParamMapping, shards: list[torch.Tensor], layout: ModelLayout) -> list[torch.Tensor]:
+    """Merge all TP shards (in TP-rank order) of one Megatron parameter into its HF tensors."""
+    kind = mapping.kind
+    if kind == "replicated":
+        return [shards[0]]
+    if kind == "vocab":
+        return [torch.cat(shards, dim=0)[: layout.vocab_size]]
+    if kind == "column":
+        return [torch.cat(shards, dim=0)]
+    if kind == "row":
+        return [torch.cat(shards, dim=1)]
+    if kind == "gate_up":
+        gates, ups = zip(*(shard.chunk(2, dim=0) for shard in shards))
+        return [torch.cat(gates, dim=0), torch.cat(ups, dim=0)]
+    if kind == "qkv":
+        return _split_qkv(torch.cat(shards, dim=0), layout)
+    raise ValueError(f"unknown layout kind {kind!r}")
