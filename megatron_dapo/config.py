@@ -33,10 +33,10 @@ class ToyModelConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     tie_word_embeddings: bool = False
-    sft_steps: int = 300
+    sft_steps: int = 2000
     sft_batch_size: int = 64
     sft_lr: float = 1e-3
-    sft_answer_noise: float = 0.5  # share of warm-start demonstrations whose answer is off by 1–9
+    sft_answer_noise: float = 0.4  # share of warm-start demonstrations whose answer is off by 1–9
 
 
 @dataclass

@@ -75,6 +75,7 @@ def normalize_integer(text: str) -> int | None:
 def _math_verify_equal(pred: str, ground_truth: str) -> tuple[bool, bool]:
     """(equal, timed_out) by math-verify. Its signal-based time-outs work only in the main thread."""
     from math_verify import parse, verify
+    from math_verify.errors import TimeoutException
 
     in_main = threading.current_thread() is threading.main_thread()
     timeout = MATH_VERIFY_TIMEOUT_SECONDS if in_main else None
@@ -82,7 +83,7 @@ def _math_verify_equal(pred: str, ground_truth: str) -> tuple[bool, bool]:
         gold = parse(f"${ground_truth}$", parsing_timeout=timeout, raise_on_error=True)
         target = parse(f"${pred}$", parsing_timeout=timeout, raise_on_error=True)
         return bool(verify(gold, target, timeout_seconds=timeout, raise_on_error=True)), False
-    except TimeoutError:
+    except (TimeoutError, TimeoutException):
         return False, True
     except Exception:  # math-verify raises many kinds of parse errors; an unparseable answer is wrong
         return False, False

@@ -1,0 +1,38 @@
+"""megatron-dapo: DAPO reinforcement learning for reasoning LLMs on megatron-core."""
+
+import os
+
+from setuptools import find_packages, setup
+
+# CPU hosts (and CI) use the CPU build of torch 2.13.0. GPU hosts running SGLang 0.5.23 need the CUDA
+# torch it pins: set MEGATRON_DAPO_TORCH_VERSION=2.14.1 when installing with the `gpu` extra.
+TORCH_VERSION = os.environ.get("MEGATRON_DAPO_TORCH_VERSION", "2.13.0")
+
+setup(
+    name="megatron-dapo",
+    version="0.1.0",
+    description="DAPO reinforcement learning for reasoning LLMs on megatron-core, with SGLang or transformers rollouts",
+    packages=find_packages(include=["megatron_dapo", "megatron_dapo.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        f"torch=={TORCH_VERSION}",
+        "megatron-core==0.16.1",
+        "transformers==5.23.0",
+        "tokenizers==0.23.3",
+        "safetensors==0.8.0",
+        "datasets==5.2.0",
+        "tensorboard==2.21.0",
+        "math-verify==0.9.0",
+        "PyYAML==6.0.3",
+        "tqdm==4.70.1",
+        "psutil==7.2.2",  # used by megatron-core's dist-checkpoint saving, not declared by it
+        "numpy>=1.26",
+    ],
+    extras_require={
+        # GPU hosts only; never installed on CPU hosts (a half-installed TE breaks `import megatron.core`).
+        "gpu": ["transformer-engine[pytorch]==2.20.0", "sglang==0.5.23"],
+        "launch": ["nemo-run==0.11.1", "leptonai==0.27.3"],
+        "dev": ["pytest==9.2.0"],
+    },
+    entry_points={"console_scripts": ["megatron-dapo=megatron_dapo.cli:main"]},
+)

@@ -1,0 +1,129 @@
+"""The Megatron actor against Hugging Face transformers: log-probs, token-mean gradients, weight sync."""
+
+import pytest
+import torch
+
+from megatron_dapo.actor.actor import MegatronActor
+from megatron_dapo.algorithm import policy_loss
+from megatron_dapo.config import load_config
+from megatron_dapo.rollout import HFRolloutEngine
+from megatron_dapo.weights.hf_mapping import megatron_to_hf
+from megatron_dapo.weights.transfer import local_param_mappings
+
+from .tiny_models import make_tiny_qwen2
+
+
+def _config(**overrides):
+    base = {"parallel.micro_batch_size": 8, "optimizer.lr_warmup_steps": 0, "optimizer.clip_grad": 1e9,
+            "optimizer.weight_decay": 0.0, "rollout.temperature": 1.0, "algorithm.loss_agg_mode": "token-mean"}
+    base.update(overrides)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+def _random_batch(seed=0, num=8, width=20, vocab=50):
+    """Sequences of different prompt/response lengths in label coordinates."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(2, vocab, (num, width), generator=generator)
+    loss_mask = torch.zeros(num, width)
+    for row in range(num):
+        prompt = 2 + row % 3
+        response = [1, 17, 3, 12, 5, 9, 2, 15][row]
+        loss_mask[row, prompt - 1 : prompt - 1 + response] = 1
+        input_ids[row, prompt + response :] = 0
+    labels = torch.cat([input_ids[:, 1:], torch.zeros(num, 1, dtype=torch.long)], dim=1)
+    advantages = torch.randn(num, 1, generator=generator).expand(num, width).contiguous()
+    return {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask, "advantages": advantages}
+
+
+def _hf_logprobs(model, batch, temperature):
+    logits = model(input_ids=batch["input_ids"]).logits.float() / temperature
+    return torch.log_softmax(logits, -1).gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_match_transformers(megatron_world, tmp_path, tied, temperature):
+    reference = make_tiny_qwen2(tmp_path, tied)
+    actor = MegatronActor(_config(), str(tmp_path), total_steps=1)
+    batch = _random_batch()
+    logprobs, entropy = actor.compute_logprobs(batch, temperature)
+    with torch.no_grad():
+        expected = _hf_logprobs(reference, batch, temperature)
+        probs = torch.softmax(reference(input_ids=batch["input_ids"]).logits / temperature, -1)
+        expected_entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+    assert torch.allclose(logprobs, expected, atol=1e-5)
+    assert torch.allclose(entropy, expected_entropy, atol=1e-4)
+
+
+def _megatron_grads_by_hf_name(actor):
+    grads = {}
+    for param, mapping in local_param_mappings(actor.model, actor.layout):
+        if mapping.megatron_name == "output_layer.weight" and actor.layout.tie_word_embeddings:
+            continue
+        for name, grad in zip(mapping.hf_names, megatron_to_hf(mapping, [param.main_grad], actor.layout)):
+            grads[name] = grad
+    return grads
+
+
+@pytest.mark.parametrize("micro_batch_size", [8, 2, 1])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_train_step_gradients_equal_full_batch_reference(megatron_world, tmp_path, micro_batch_size, mode):
+    """Pitfall 1: any micro-batch split gives the single-batch gradient of the step's loss."""
+    reference = make_tiny_qwen2(tmp_path, tied=False)
+    actor = MegatronActor(_config(**{"parallel.micro_batch_size": micro_batch_size, "algorithm.loss_agg_mode": mode}), str(tmp_path), total_steps=1)
+    batch = _random_batch(seed=1)
+    with torch.no_grad():
+        old = _hf_logprobs(reference, batch, 1.0) + 0.3 * torch.randn(batch["labels"].shape)  # ratios != 1
+    batch["old_logprobs"] = old
+    metrics = actor.train_step(batch)
+
+    logprobs = _hf_logprobs(reference, batch, 1.0)
+    loss, _ = policy_loss(logprobs, old, batch["advantages"], batch["loss_mask"], clip_ratio_c=10.0,
+                          loss_agg_mode=mode, norm_length=20480)
+    loss.backward()
+    expected = {name: p.grad for name, p in reference.named_parameters()}
+    got = _megatron_grads_by_hf_name(actor)
+    assert metrics["actor/pg_loss"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-7)
+    expected_norm = torch.sqrt(sum(g.pow(2).sum() for g in expected.values())).item()
+    assert metrics["actor/grad_norm"] == pytest.approx(expected_norm, rel=1e-5)
+    for name, grad in expected.items():
+        assert torch.allclose(got[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_weight_sync_makes_engine_match_actor(megatron_world, tmp_path):
+    make_tiny_qwen2(tmp_path, tied=False)
+    actor = MegatronActor(_config(**{"optimizer.lr": 0.01}), str(tmp_path), total_steps=1)
+    batch = _random_batch(seed=2)
+    batch["old_logprobs"], _ = actor.compute_logprobs(batch, 1.0)
+    actor.train_step(batch)  # weights move
+    engine = HFRolloutEngine.from_pretrained(str(tmp_path), pad_token_id=0, eos_token_id=1)
+    actor_logprobs, _ = actor.compute_logprobs(batch, 1.0)
+    mask = batch["loss_mask"].bool()
+    with torch.no_grad():
+        stale = _hf_logprobs(engine.model, batch, 1.0)
+        engine.update_weights(actor.hf_state_dict().items())
+        synced = _hf_logprobs(engine.model, batch, 1.0)
+    assert (stale - actor_logprobs)[mask].abs().max() > 1e-2  # the step changed the policy
+    assert (synced - actor_logprobs)[mask].abs().max() < 1e-4
+
+
+def test_engine_sampling_logprobs_match_actor_at_temperature(megatron_world, tmp_path):
+    """Pitfall 3: the engine's reported log-probs are the actor's at the same temperature (left-padded prompts)."""
+    make_tiny_qwen2(tmp_path, tied=True)
+    actor = MegatronActor(_config(), str(tmp_path), total_steps=1)
+    engine = HFRolloutEngine.from_pretrained(str(tmp_path), pad_token_id=0, eos_token_id=1, seed=3)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
+    samples = engine.generate(prompts, n=2, temperature=0.7, top_p=1.0, max_new_tokens=6)
+    width = max(len(prompts[s.prompt_index]) + len(s.token_ids) for s in samples)
+    input_ids = torch.zeros(len(samples), width, dtype=torch.long)
+    mask, rollout = torch.zeros(len(samples), width), torch.zeros(len(samples), width)
+    for row, sample in enumerate(samples):
+        sequence = prompts[sample.prompt_index] + sample.token_ids
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        start = len(prompts[sample.prompt_index]) - 1
+        mask[row, start : len(sequence) - 1] = 1
+        rollout[row, start : len(sequence) - 1] = torch.tensor(sample.logprobs)
+    labels = torch.cat([input_ids[:, 1:], torch.zeros(len(samples), 1, dtype=torch.long)], dim=1)
+    logprobs, _ = actor.compute_logprobs({"input_ids": input_ids, "labels": labels, "loss_mask": mask}, 0.7)
+    assert all(max(s.token_ids) < 50 for s in samples)
+    assert (logprobs - rollout)[mask.bool()].abs().max() < 1e-4

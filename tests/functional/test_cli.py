@@ -1,0 +1,89 @@
+"""End-to-end runs of the CLI (each in a fresh process, as a user runs it)."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+TOY_CONFIG = ROOT / "examples" / "configs" / "toy_cpu.yaml"
+FINAL_LINE = re.compile(r"^eval accuracy: before=(\d\.\d+) after=(\d\.\d+)$")
+REQUIRED_METRICS = [
+    "actor/pg_loss", "actor/grad_norm", "reward/mean", "acc/mean", "response_length/mean",
+    "response_length/clip_ratio", "entropy/mean", "prob/mean", "pg_clipfrac/high", "pg_clipfrac/low",
+    "sampling/num_gen_batches", "sampling/kept_group_frac", "rollout/train_logprob_abs_diff",
+    "timing/generate", "timing/old_logprob", "timing/train", "timing/sync", "timing/step",
+]
+
+
+def run_cli(*overrides, timeout=900):
+    command = [sys.executable, "-m", "megatron_dapo", "train", "--config", str(TOY_CONFIG), "logging.progress_bar=false", *overrides]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _final_accuracies(result):
+    assert result.returncode == 0, result.stderr[-3000:]
+    match = FINAL_LINE.match(result.stdout.strip().splitlines()[-1])
+    assert match, result.stdout[-500:]
+    return float(match.group(1)), float(match.group(2))
+
+
+def test_short_toy_run_writes_metrics_tensorboard_and_hf_export(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(f"trainer.output_dir={out}", "trainer.max_steps=3", "toy_model.sft_steps=600",
+                     "algorithm.max_num_gen_batches=0", "data.toy_num_val=8", "rollout.val_n=4")
+    before, after = _final_accuracies(result)
+    assert 0.0 <= before <= 1.0 and 0.0 <= after <= 1.0
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in REQUIRED_METRICS:
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert all(r["rollout/train_logprob_abs_diff"] < 1e-3 for r in rows)  # sync health
+    assert all(0.0 < r["sampling/kept_group_frac"] <= 1.0 for r in rows)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("actor/pg_loss")] == [1, 2, 3]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "hf_final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "hf_final")
+    initial = AutoModelForCausalLM.from_pretrained(out / "toy_init")
+    ids = torch.tensor([tokenizer.encode("12+30=Answer: 42")])
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, initial(ids).logits)  # the policy was trained and exported
+
+
+def test_bad_dataset_row_gives_one_line_error(tmp_path):
+    rows = [
+        {"prompt": [{"role": "user", "content": "1+1="}], "reward_model": {"ground_truth": "2"}},
+        {"prompt": [{"role": "user", "content": "2+2="}], "reward_model": {"style": "rule"}},
+    ]
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_cli(f"trainer.output_dir={tmp_path / 'run'}", f"data.train_files=[{data}]", timeout=300)
+    assert result.returncode == 2
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: ") and str(data) in message and "row 1" in message
+    assert "reward_model.ground_truth" in message
+
+
+def test_dynamic_sampling_starvation_is_a_clear_error(tmp_path):
+    result = run_cli(f"trainer.output_dir={tmp_path / 'run'}", "toy_model.sft_steps=0", "algorithm.max_num_gen_batches=2", timeout=300)
+    assert result.returncode == 2
+    message = result.stderr.strip().splitlines()[-1]
+    assert "algorithm.max_num_gen_batches=2" in message and "train_batch_size" in message
+
+
+def test_default_toy_run_learns(tmp_path):
+    """The README's main job: held-out accuracy rises by at least 20 points."""
+    before, after = _final_accuracies(run_cli(f"trainer.output_dir={tmp_path / 'run'}"))
+    assert after - before >= 0.20, (before, after)

@@ -1,0 +1,78 @@
+"""Megatron ⇄ HF layouts (pitfalls 7–10) against layouts built by explicit loops."""
+
+import pytest
+import torch
+
+from megatron_dapo.weights.hf_mapping import ModelLayout, hf_to_megatron, megatron_to_hf, param_mapping
+
+# 8 query heads, 2 KV groups, head_dim 3, hidden 5
+LAYOUT = ModelLayout(num_attention_heads=8, num_key_value_heads=2, head_dim=3, vocab_size=11, tie_word_embeddings=False)
+
+
+def _qkv_tensors(trailing=(5,)):
+    q = torch.arange(8 * 3 * (trailing[0] if trailing else 1), dtype=torch.float32).reshape(8 * 3, *trailing)
+    k = 1000 + torch.arange(2 * 3 * (trailing[0] if trailing else 1), dtype=torch.float32).reshape(2 * 3, *trailing)
+    v = 2000 + torch.arange(2 * 3 * (trailing[0] if trailing else 1), dtype=torch.float32).reshape(2 * 3, *trailing)
+    return q, k, v
+
+
+def _expected_qkv(q, k, v):
+    """[q heads of group 0, k_0, v_0, q heads of group 1, k_1, v_1] built head by head."""
+    rows = []
+    for group in range(2):
+        for head in range(4 * group, 4 * group + 4):
+            rows.append(q[head * 3 : head * 3 + 3])
+        rows.append(k[group * 3 : group * 3 + 3])
+        rows.append(v[group * 3 : group * 3 + 3])
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("suffix, trailing", [("weight", (5,)), ("bias", ())])
+def test_qkv_per_group_interleave_and_tp_shards(suffix, trailing):
+    q, k, v = _qkv_tensors(trailing)
+    mapping = param_mapping(f"decoder.layers.0.self_attention.linear_qkv.{suffix}", 3, LAYOUT)
+    assert mapping.hf_names[0] == f"model.layers.3.self_attn.q_proj.{suffix}"
+    full = hf_to_megatron(mapping, [q, k, v], LAYOUT, 0, 1)
+    expected = _expected_qkv(q, k, v)
+    assert torch.equal(full, expected)
+    shards = [hf_to_megatron(mapping, [q, k, v], LAYOUT, r, 2) for r in range(2)]
+    assert torch.equal(shards[0], expected[: len(expected) // 2])  # TP rank 0 owns KV group 0 whole
+    for got, want in zip(megatron_to_hf(mapping, shards, LAYOUT), (q, k, v)):
+        assert torch.equal(got, want)
+
+
+def test_gate_up_shards_are_gate_then_up_per_rank():
+    gate, up = torch.arange(24.0).reshape(8, 3), 100 + torch.arange(24.0).reshape(8, 3)
+    mapping = param_mapping("decoder.layers.1.mlp.linear_fc1.weight", 1, LAYOUT)
+    shards = [hf_to_megatron(mapping, [gate, up], LAYOUT, r, 2) for r in range(2)]
+    assert torch.equal(shards[1], torch.cat([gate[4:], up[4:]]))
+    got_gate, got_up = megatron_to_hf(mapping, shards, LAYOUT)
+    assert torch.equal(got_gate, gate) and torch.equal(got_up, up)
+
+
+def test_vocab_padding_added_and_stripped():
+    embed = torch.randn(11, 5)
+    mapping = param_mapping("embedding.word_embeddings.weight", None, LAYOUT)
+    shards = [hf_to_megatron(mapping, [embed], LAYOUT, r, 2, padded_rows=16) for r in range(2)]
+    assert shards[0].shape == (8, 5) and torch.equal(shards[1][3:], torch.zeros(5, 5))
+    assert torch.equal(megatron_to_hf(mapping, shards, LAYOUT)[0], embed)
+
+
+@pytest.mark.parametrize("name, dim", [("decoder.layers.0.self_attention.linear_proj.weight", 1), ("decoder.layers.0.mlp.linear_fc2.weight", 1)])
+def test_row_parallel_split_by_columns(name, dim):
+    weight = torch.randn(5, 8)
+    mapping = param_mapping(name, 0, LAYOUT)
+    shards = [hf_to_megatron(mapping, [weight], LAYOUT, r, 2) for r in range(2)]
+    assert torch.equal(shards[0], weight[:, :4])
+    assert torch.equal(megatron_to_hf(mapping, shards, LAYOUT)[0], weight)
+
+
+def test_tied_output_layer_maps_to_embedding_and_both_layer_specs_are_known():
+    tied = ModelLayout(8, 2, 3, 11, tie_word_embeddings=True)
+    assert param_mapping("output_layer.weight", None, tied).hf_names == ("model.embed_tokens.weight",)
+    assert param_mapping("output_layer.weight", None, LAYOUT).hf_names == ("lm_head.weight",)
+    local = param_mapping("decoder.layers.2.input_layernorm.weight", 2, LAYOUT)
+    te = param_mapping("decoder.layers.2.self_attention.linear_qkv.layer_norm_weight", 2, LAYOUT)
+    assert local.hf_names == te.hf_names == ("model.layers.2.input_layernorm.weight",)
+    with pytest.raises(KeyError, match="no Hugging Face mapping"):
+        param_mapping("decoder.layers.0.mlp.router.weight", 0, LAYOUT)
