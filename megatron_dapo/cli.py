@@ -23,16 +23,23 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    import datasets
+    import transformers
+
+    from megatron_dapo.distributed import is_rank_zero
+
+    datasets.disable_progress_bars()  # our own progress bar covers the long phases
+    transformers.utils.logging.disable_progress_bar()
+
     try:
         config = load_config(args.config, args.overrides)
         from megatron_dapo.trainer import train
 
         before, after = train(config)
     except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+        if is_rank_zero():
+            print(f"error: {error}", file=sys.stderr)
         return 2
-    from megatron_dapo.distributed import is_rank_zero
-
     if is_rank_zero() and before is not None:
         print(f"eval accuracy: before={before:.3f} after={after:.3f}", flush=True)
     return 0

@@ -48,4 +48,7 @@ def destroy_distributed() -> None:
 
 
 def is_rank_zero() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """Global rank 0 (also before/after the process group exists, from torchrun's ``RANK``)."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0

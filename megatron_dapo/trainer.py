@@ -8,6 +8,7 @@ through truncated importance weights and the ``rollout/train_logprob_abs_diff`` 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,28 +28,48 @@ from megatron_dapo.rollout.collect import collect_training_groups
 from megatron_dapo.toy import build_toy_checkpoint
 from megatron_dapo.weights.hf_export import save_hf_checkpoint
 
+T = TypeVar("T")
 
-def _broadcast_from_rank_zero(value: object) -> object:
-    if dist.get_world_size() == 1:
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
+
+def run_on_rank_zero(work: Callable[[], T]) -> T:
+    """Run ``work`` on global rank 0 and hand its result — or its exception — to every rank (collective).
+
+    Passing the exception on keeps the other ranks from waiting forever on a rank that failed.
+    """
+    result, error = None, None
+    if is_rank_zero():
+        try:
+            result = work()
+        except Exception as exc:  # re-raised below, on every rank
+            error = exc
+    if dist.get_world_size() > 1:
+        holder = [(result, error)]
+        dist.broadcast_object_list(holder, src=0)
+        result, error = holder[0]
+    if error is not None:
+        raise error
+    return result
 
 
 def prepare_inputs(config: DapoConfig) -> tuple[str, list[str], list[str]]:
     """The HF model folder and data files; for the toy default, rank 0 creates them under ``output_dir``."""
     out = Path(config.trainer.output_dir)
-    train_files, val_files = list(config.data.train_files), list(config.data.val_files)
     hf_dir = config.model.hf_path or str(out / "toy_init")
-    if is_rank_zero():
+
+    def create() -> tuple[list[str], list[str]]:
+        train_files, val_files = list(config.data.train_files), list(config.data.val_files)
         if not train_files:
-            train_files = [str(write_toy_dataset(out / "data" / "train.parquet", config.data.toy_num_train, config.data.toy_seed))]
-        if not val_files and not config.data.train_files:
-            val_files = [str(write_toy_dataset(out / "data" / "val.parquet", config.data.toy_num_val, config.data.toy_seed + 1))]
+            data = config.data
+            train_files = [str(write_toy_dataset(out / "data" / "train.parquet", data.toy_num_train, data.toy_seed))]
+            if not val_files:
+                val_files = [str(write_toy_dataset(out / "data" / "val.parquet", data.toy_num_val, data.toy_seed + 1))]
         if config.model.hf_path is None:
-            build_toy_checkpoint(config.toy_model, load_prompt_files(train_files), hf_dir, config.trainer.seed)
-    train_files, val_files = _broadcast_from_rank_zero((train_files, val_files))
+            build_toy_checkpoint(
+                config.toy_model, load_prompt_files(train_files), hf_dir, config.trainer.seed, config.logging.progress_bar
+            )
+        return train_files, val_files
+
+    train_files, val_files = run_on_rank_zero(create)
     return hf_dir, train_files, val_files
 
 
@@ -69,14 +90,14 @@ def sync_weights(actor: MegatronActor, engine: RolloutEngine | None) -> None:
         engine.update_weights(state.items())
 
 
-def _evaluate(config: DapoConfig, engine: RolloutEngine | None, records, tokenizer) -> float:
-    accuracy = None
-    if engine is not None and records:
-        ro = config.rollout
-        accuracy = evaluate_avg_at_k(
-            engine, records, tokenizer, ro.val_n, ro.val_temperature, ro.val_top_p, ro.max_response_length
-        )
-    return _broadcast_from_rank_zero(accuracy)
+def _evaluate(config: DapoConfig, engine: RolloutEngine | None, records, tokenizer) -> float | None:
+    """avg@k on the validation problems, computed on rank 0 and known to every rank."""
+    if not records:
+        return None
+    ro = config.rollout
+    return run_on_rank_zero(
+        lambda: evaluate_avg_at_k(engine, records, tokenizer, ro.val_n, ro.val_temperature, ro.val_top_p, ro.max_response_length)
+    )
 
 
 def _mean_metrics(updates: list[dict[str, float]]) -> dict[str, float]:
@@ -106,10 +127,9 @@ def train(config: DapoConfig) -> tuple[float | None, float | None]:
         metrics: dict[str, float] = {}
         with timed(metrics, "step"):
             with timed(metrics, "generate"):
-                rollout = None
-                if engine is not None:
-                    rollout = collect_training_groups(engine, train_records, sampler, tokenizer, ro, alg)
-                groups, stats = _broadcast_from_rank_zero(rollout)
+                groups, stats = run_on_rank_zero(
+                    lambda: collect_training_groups(engine, train_records, sampler, tokenizer, ro, alg)
+                )
                 if engine is not None:
                     engine.release_memory()
             metrics.update(stats.metrics())

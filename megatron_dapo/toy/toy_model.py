@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from megatron_dapo.config import ToyModelConfig
@@ -80,7 +81,7 @@ def _sft_batch(
 
 
 def build_toy_checkpoint(
-    cfg: ToyModelConfig, records: list[PromptRecord], out_dir: str | Path, seed: int
+    cfg: ToyModelConfig, records: list[PromptRecord], out_dir: str | Path, seed: int, progress_bar: bool = False
 ) -> Path:
     """Create, warm-start and save the toy policy as an HF folder.
 
@@ -95,7 +96,7 @@ def build_toy_checkpoint(
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     model.train()
-    for _ in range(cfg.sft_steps):
+    for _ in tqdm(range(cfg.sft_steps), desc="toy warm start (SFT)", disable=not progress_bar):
         picks = torch.randint(len(records), (cfg.sft_batch_size,), generator=generator).tolist()
         input_ids, labels = _sft_batch([records[i] for i in picks], tokenizer, cfg.sft_answer_noise, rng)
         loss = model(input_ids=input_ids, attention_mask=(input_ids != tokenizer.pad_token_id).long(), labels=labels).loss
