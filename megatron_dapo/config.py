@@ -178,6 +178,11 @@ def _coerce(value: object, annotation: object, key: str) -> object:
         return [_coerce(v, typing.get_args(annotation)[0], key) for v in value]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if annotation in (int, float, str, bool) and not isinstance(value, annotation):
         raise ConfigError(f"config key {key}={value!r} must be of type {annotation.__name__}")
     return value

@@ -19,9 +19,6 @@ def _free_port() -> int:
 def initialize_distributed(tensor_model_parallel_size: int, pipeline_model_parallel_size: int, seed: int) -> None:
     """Join (or, outside torchrun, create a one-process) job and build megatron's parallel groups."""
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `python`: a world of one
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             backend = "nccl"
@@ -30,7 +27,10 @@ def initialize_distributed(tensor_model_parallel_size: int, pipeline_model_paral
 
             cpu_compat.install()
             backend = "gloo"
-        dist.init_process_group(backend=backend)
+        if "RANK" in os.environ:  # torchrun / srun: rendezvous from the environment
+            dist.init_process_group(backend=backend)
+        else:  # plain `python`: a world of one (the environment is left untouched for child processes)
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_model_parallel_size,

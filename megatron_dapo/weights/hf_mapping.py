@@ -6,7 +6,7 @@ A Megatron parameter (by its name inside one pipeline stage) maps to one or more
 - ``replicated``: norms; identical on every TP rank.
 - ``vocab``: embedding / output rows, padded to Megatron's padded vocabulary, split by rows. Padding is
   stripped on export (pitfall 9).
-- ``column``: split by rows.  ``row``: split by columns (``linear_proj``, ``linear_fc2``).
+- ``row``: row-parallel linears (``linear_proj``, ``linear_fc2``), split by columns.
 - ``qkv``: HF q/k/v interleaved per KV group as ``[q_1 … q_{h/g}, k, v] × g`` (weight and bias), then split
   by rows: a TP shard owns whole KV groups (pitfall 7).
 - ``gate_up``: each TP shard is ``[gate_r; up_r]`` (pitfall 8).
@@ -143,8 +143,6 @@ def hf_to_megatron(
         padded = full.new_zeros((padded_rows, *full.shape[1:]))
         padded[: full.shape[0]] = full
         return padded.chunk(tp_size, dim=0)[tp_rank]
-    if kind == "column":
-        return hf_tensors[0].chunk(tp_size, dim=0)[tp_rank]
     if kind == "row":
         return hf_tensors[0].chunk(tp_size, dim=1)[tp_rank]
     if kind == "gate_up":
@@ -162,8 +160,6 @@ def megatron_to_hf(mapping: ParamMapping, shards: list[torch.Tensor], layout: Mo
         return [shards[0]]
     if kind == "vocab":
         return [torch.cat(shards, dim=0)[: layout.vocab_size]]
-    if kind == "column":
-        return [torch.cat(shards, dim=0)]
     if kind == "row":
         return [torch.cat(shards, dim=1)]
     if kind == "gate_up":

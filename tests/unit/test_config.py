@@ -45,10 +45,16 @@ def test_validation_names_the_key(overrides, key):
         load_config(CONFIGS / "toy_cpu.yaml", overrides).validate(world_size=2)
 
 
+def test_exponent_floats_without_a_dot():
+    assert load_config(None, ["optimizer.lr=1e-6"]).optimizer.lr == 1e-6
+
+
 def test_unknown_key_and_wrong_type():
     with pytest.raises(ConfigError, match="trainer.max_stepz"):
         load_config(None, ["trainer.max_stepz=3"])
     with pytest.raises(ConfigError, match="trainer.max_steps"):
         load_config(None, ["trainer.max_steps=lots"])
+    with pytest.raises(ConfigError, match="optimizer.lr"):
+        load_config(None, ["optimizer.lr=fast"])
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config(None, ["trainer.max_steps"])

@@ -1,0 +1,47 @@
+"""HF config → megatron TransformerConfig: values carried over, unsupported layouts refused by field."""
+
+import pytest
+from transformers import LlamaConfig, Qwen2Config
+
+from megatron_dapo.actor.model import padded_vocab_size, rope_theta, transformer_config_from_hf
+
+
+def _qwen(**kwargs):
+    base = dict(vocab_size=152064, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=1e6)
+    base.update(kwargs)
+    return Qwen2Config(**base)
+
+
+def test_qwen2_values_are_carried_over():
+    config = transformer_config_from_hf(_qwen(), tp_size=2, pp_size=2)
+    assert (config.num_layers, config.num_query_groups, config.kv_channels) == (4, 2, 8)
+    assert config.add_qkv_bias and not config.add_bias_linear and config.gated_linear_unit
+    assert config.normalization == "RMSNorm" and config.layernorm_epsilon == 1e-5
+    assert config.calculate_per_token_loss
+    assert rope_theta(_qwen()) == 1e6
+
+
+def test_llama_has_no_qkv_bias():
+    llama = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=8, num_key_value_heads=4)
+    assert not transformer_config_from_hf(llama, 1, 1).add_qkv_bias
+
+
+def test_padded_vocab_matches_megatron_rule():
+    assert padded_vocab_size(152064, 128, 8) == 152576  # pitfall 9
+    assert padded_vocab_size(152064, 128, 1) == 152064
+
+
+@pytest.mark.parametrize(
+    "kwargs, tp, pp, field",
+    [
+        ({}, 4, 1, "num_key_value_heads"),  # TP must divide the KV groups (2)
+        ({"num_attention_heads": 6, "num_key_value_heads": 6}, 4, 1, "num_attention_heads"),
+        ({}, 1, 3, "num_hidden_layers"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}}, 1, 1, "rope_type"),
+    ],
+)
+def test_unsupported_layouts_name_the_field(kwargs, tp, pp, field):
+    with pytest.raises(ValueError, match=field):
+        transformer_config_from_hf(_qwen(**kwargs), tp, pp)
