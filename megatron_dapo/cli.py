@@ -8,8 +8,9 @@ import sys
 from megatron_dapo.config import ConfigError, load_config
 from megatron_dapo.data import DatasetFormatError
 from megatron_dapo.rollout.collect import DynamicSamplingError
+from megatron_dapo.weights.transfer import CheckpointMismatchError
 
-USER_ERRORS = (ConfigError, DatasetFormatError, DynamicSamplingError)
+USER_ERRORS = (ConfigError, DatasetFormatError, DynamicSamplingError, CheckpointMismatchError)
 
 
 def _parser() -> argparse.ArgumentParser:

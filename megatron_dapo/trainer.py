@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 from megatron_dapo.actor.actor import MegatronActor
 from megatron_dapo.algorithm import masked_mean, truncated_is_weights
 from megatron_dapo.batch import build_training_batch, split_batch
-from megatron_dapo.config import DapoConfig
+from megatron_dapo.config import ConfigError, DapoConfig
 from megatron_dapo.data import PromptSampler, load_prompt_files, write_toy_dataset
 from megatron_dapo.distributed import destroy_distributed, initialize_distributed, is_rank_zero
 from megatron_dapo.evaluation import evaluate_avg_at_k
@@ -55,6 +55,8 @@ def prepare_inputs(config: DapoConfig) -> tuple[str, list[str], list[str]]:
     """The HF model folder and data files; for the toy default, rank 0 creates them under ``output_dir``."""
     out = Path(config.trainer.output_dir)
     hf_dir = config.model.hf_path or str(out / "toy_init")
+    if config.model.hf_path and not (Path(hf_dir) / "config.json").exists():
+        raise ConfigError(f"model.hf_path={hf_dir} has no config.json; point it at a Hugging Face model folder")
 
     def create() -> tuple[list[str], list[str]]:
         train_files, val_files = list(config.data.train_files), list(config.data.val_files)

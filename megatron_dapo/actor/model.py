@@ -10,6 +10,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from transformers import PretrainedConfig
 
+from megatron_dapo.config import ConfigError
+
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 
 
@@ -42,23 +44,23 @@ def layer_spec() -> ModuleSpec:
 def validate_hf_config(hf_config: PretrainedConfig, tp_size: int, pp_size: int) -> None:
     """Refuse HF configs this actor cannot represent, naming the field and the fix."""
     if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
+        raise ConfigError(
             f"model config field 'model_type' is {hf_config.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}"
         )
     heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
     if heads % tp_size or groups % tp_size:
-        raise ValueError(
+        raise ConfigError(
             f"parallel.tensor_model_parallel_size={tp_size} must divide num_attention_heads={heads} "
             f"and num_key_value_heads={groups} of the model config; choose a divisor of {groups}"
         )
     if hf_config.num_hidden_layers % pp_size:
-        raise ValueError(
+        raise ConfigError(
             f"parallel.pipeline_model_parallel_size={pp_size} must divide "
             f"num_hidden_layers={hf_config.num_hidden_layers} of the model config"
         )
     rope_type = (getattr(hf_config, "rope_parameters", None) or {}).get("rope_type", "default")
     if rope_type != "default":
-        raise ValueError(f"model config field 'rope_parameters.rope_type' is {rope_type!r}; only 'default' RoPE is supported")
+        raise ConfigError(f"model config field 'rope_parameters.rope_type' is {rope_type!r}; only 'default' RoPE is supported")
 
 
 def rope_theta(hf_config: PretrainedConfig) -> float:
@@ -66,7 +68,7 @@ def rope_theta(hf_config: PretrainedConfig) -> float:
     params = getattr(hf_config, "rope_parameters", None) or {}
     theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
     if theta is None:
-        raise ValueError("model config has no 'rope_theta'; Qwen2.5 uses 1000000.0")
+        raise ConfigError("model config has no 'rope_theta'; Qwen2.5 uses 1000000.0")
     return float(theta)
 
 

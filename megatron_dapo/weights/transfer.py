@@ -19,6 +19,10 @@ from safetensors import safe_open
 from megatron_dapo.weights.hf_mapping import ModelLayout, ParamMapping, megatron_to_hf, hf_to_megatron, param_mapping
 
 
+class CheckpointMismatchError(ValueError):
+    """An HF checkpoint does not fit the model being built (missing tensors, other shapes)."""
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare ``GPTModel`` inside DDP / Float16 wrappers."""
     while hasattr(model, "module"):
@@ -45,7 +49,7 @@ def _hf_tensor_files(hf_dir: Path) -> dict[str, Path]:
         return {name: hf_dir / file for name, file in weight_map.items()}
     single = hf_dir / "model.safetensors"
     if not single.exists():
-        raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+        raise CheckpointMismatchError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
     with safe_open(str(single), framework="pt") as f:
         return {name: single for name in f.keys()}
 
@@ -61,13 +65,13 @@ def load_hf_checkpoint(model: torch.nn.Module, hf_dir: str | Path, layout: Model
         tensors = []
         for hf_name in mapping.hf_names:
             if hf_name not in files:
-                raise KeyError(f"{hf_dir}: checkpoint has no tensor {hf_name!r} (needed for {mapping.megatron_name})")
+                raise CheckpointMismatchError(f"{hf_dir}: checkpoint has no tensor {hf_name!r} (needed for {mapping.megatron_name})")
             path = files[hf_name]
             handle = handles.setdefault(path, safe_open(str(path), framework="pt"))
             tensors.append(handle.get_tensor(hf_name).to(torch.float32))
         shard = hf_to_megatron(mapping, tensors, layout, tp_rank, tp_size, padded_rows=param.shape[0] * tp_size)
         if shard.shape != param.shape:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"{hf_dir}: {mapping.hf_names} give {mapping.megatron_name} shape {tuple(shard.shape)}, the model "
                 f"expects {tuple(param.shape)}: checkpoint and model config belong to different models"
             )

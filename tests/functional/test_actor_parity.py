@@ -127,3 +127,17 @@ def test_engine_sampling_logprobs_match_actor_at_temperature(megatron_world, tmp
     logprobs, _ = actor.compute_logprobs({"input_ids": input_ids, "labels": labels, "loss_mask": mask}, 0.7)
     assert all(max(s.token_ids) < 50 for s in samples)
     assert (logprobs - rollout)[mask.bool()].abs().max() < 1e-4
+
+
+def test_checkpoint_of_another_model_is_refused(megatron_world, tmp_path):
+    import shutil
+
+    from megatron_dapo.weights.transfer import CheckpointMismatchError
+
+    make_tiny_qwen2(tmp_path / "small", tied=False)
+    other = make_tiny_qwen2(tmp_path / "other", tied=False)
+    other.config.intermediate_size = 96  # config of a different model beside the small one's weights
+    other.config.save_pretrained(tmp_path / "mixed")
+    shutil.copy(tmp_path / "small" / "model.safetensors", tmp_path / "mixed" / "model.safetensors")
+    with pytest.raises(CheckpointMismatchError, match="different models"):
+        MegatronActor(_config(), str(tmp_path / "mixed"), total_steps=1)
