@@ -50,7 +50,6 @@ class ParallelConfig:
 class DataConfig:
     train_files: list[str] = field(default_factory=list)  # parquet/jsonl in DAPO-Math-17K format; empty: toy task
     val_files: list[str] = field(default_factory=list)
-    max_prompt_length: int = 2048
     toy_num_train: int = 2000
     toy_num_val: int = 64
     toy_seed: int = 1234
