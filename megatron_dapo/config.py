@@ -13,6 +13,9 @@ import yaml
 from megatron_dapo.algorithm.policy_loss import LOSS_AGG_MODES
 
 
+LOSS_IMPLS = ("naive", "fused", "fused_linear")
+
+
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or inconsistent; the message names the key."""
 
@@ -21,6 +24,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     hf_path: str | None = None  # HF folder (config.json + safetensors + tokenizer); None builds the toy model
     make_vocab_size_divisible_by: int = 128
+    loss_impl: str = "fused"  # naive (gathers full-vocab logits) | fused (vocab-parallel) | fused_linear (chunked)
+    loss_chunk_size: int = 1024  # tokens per chunk of the fused_linear loss
 
 
 @dataclass
@@ -159,6 +164,8 @@ class DapoConfig:
             )
         if ro.n < 2:
             raise ConfigError(f"rollout.n={ro.n}: group advantages need at least 2 samples per prompt")
+        if self.model.loss_impl not in LOSS_IMPLS:
+            raise ConfigError(f"model.loss_impl={self.model.loss_impl!r} must be one of {LOSS_IMPLS}")
         if ro.engine not in ("hf", "sglang"):
             raise ConfigError(f"rollout.engine={ro.engine!r} must be 'hf' or 'sglang'")
 

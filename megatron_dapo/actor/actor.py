@@ -12,6 +12,7 @@ Loss normalisation follows Megatron's per-token contract: each micro-batch's los
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Iterator
 
@@ -26,17 +27,26 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from transformers import AutoConfig
 
 from megatron_dapo.actor.model import build_gpt_model, transformer_config_from_hf
-from megatron_dapo.actor.token_logprobs import token_logprobs_and_entropy
 from megatron_dapo.batch import split_batch
-from megatron_dapo.algorithm import aggregate_loss_terms, clipped_pg_losses, kl_penalty_k3
 from megatron_dapo.config import DapoConfig
+from megatron_dapo.ops import fused_linear_logprobs_entropy, naive_logprobs_entropy, vocab_parallel_logprobs_entropy
+from megatron_dapo.ops.dapo_loss import METRIC_SUM_KEYS, dapo_loss_terms
 from megatron_dapo.weights.hf_mapping import ModelLayout
-from megatron_dapo.weights.transfer import gather_hf_state, load_hf_checkpoint
+from megatron_dapo.weights.transfer import gather_hf_state, load_hf_checkpoint, unwrap
 
 Batch = dict[str, torch.Tensor]
 
-# Per-micro-batch sums reduced over micro-batches and DP ranks after a step (token- or sequence-weighted).
-_SUM_KEYS = ("loss_numerator", "loss_count", "tokens", "clip_high", "clip_low", "clip_dual", "ppo_kl", "kl")
+
+
+@contextmanager
+def _output_layer_bypassed(gpt: torch.nn.Module) -> Iterator[None]:
+    """Make ``GPTModel`` return its final hidden states ``[b, s, h]`` instead of logits (fused-linear loss)."""
+    output_layer = gpt.output_layer
+    output_layer.forward = lambda hidden_states, weight=None, runtime_gather_output=None: (hidden_states, None)
+    try:
+        yield
+    finally:
+        del output_layer.forward
 
 
 def _data_parallel_slice(batch: Batch) -> Batch:
@@ -101,16 +111,35 @@ class MegatronActor:
 
     # ------------------------------------------------------------------ forward-only log-probs
     def _forward(self, model: torch.nn.Module, micro_batch: Batch) -> torch.Tensor:
+        """Logits shard ``[b, s, V/TP]`` — or, for ``fused_linear`` on the last stage, hidden states ``[b, s, h]``."""
         input_ids = micro_batch["input_ids"]
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        return model(input_ids, position_ids, None)
+        gpt = unwrap(model)
+        bypass = self.config.model.loss_impl == "fused_linear" and gpt.post_process
+        with _output_layer_bypassed(gpt) if bypass else nullcontext():
+            return model(input_ids, position_ids, None)
 
-    def _logprob_loss_func(self, micro_batch: Batch, temperature: float, output: torch.Tensor):
-        logprobs, entropy = token_logprobs_and_entropy(
-            output, micro_batch["labels"], self.layout.vocab_size, temperature
-        )
+    def _token_logprobs(
+        self, model: torch.nn.Module, output: torch.Tensor, labels: torch.Tensor, temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token ``(logprob, entropy)`` with the configured ``model.loss_impl``."""
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        vocab_size = self.layout.vocab_size
+        impl = self.config.model.loss_impl
+        if impl == "fused_linear":
+            gpt = unwrap(model)
+            weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else gpt.output_layer.weight
+            return fused_linear_logprobs_entropy(
+                output, weight, labels, vocab_size, temperature, tp_group, self.config.model.loss_chunk_size
+            )
+        if impl == "fused":
+            return vocab_parallel_logprobs_entropy(output, labels, vocab_size, temperature, tp_group)
+        return naive_logprobs_entropy(output, labels, vocab_size, temperature, tp_group)
+
+    def _logprob_loss_func(self, model: torch.nn.Module, micro_batch: Batch, temperature: float, output: torch.Tensor):
+        logprobs, entropy = self._token_logprobs(model, output, micro_batch["labels"], temperature)
         zero = logprobs.sum() * 0.0
-        return zero, micro_batch["loss_mask"].sum().int(), {"logprobs": logprobs.detach(), "entropy": entropy}
+        return zero, micro_batch["loss_mask"].sum().int(), {"logprobs": logprobs.detach(), "entropy": entropy.detach()}
 
     @torch.no_grad()
     def compute_logprobs(
@@ -124,7 +153,9 @@ class MegatronActor:
 
         def forward_step(data_iterator: Iterator[Batch], model_chunk: torch.nn.Module):
             micro_batch = next(data_iterator)
-            return self._forward(model_chunk, micro_batch), partial(self._logprob_loss_func, micro_batch, temperature)
+            return self._forward(model_chunk, micro_batch), partial(
+                self._logprob_loss_func, model_chunk, micro_batch, temperature
+            )
 
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step,
@@ -157,39 +188,11 @@ class MegatronActor:
         return torch.cat(parts)
 
     # ------------------------------------------------------------------ training
-    def _policy_loss_func(self, micro_batch: Batch, output: torch.Tensor):
-        alg = self.config.algorithm
-        logprobs, entropy = token_logprobs_and_entropy(
-            output, micro_batch["labels"], self.layout.vocab_size, self.config.rollout.temperature
+    def _policy_loss_func(self, model: torch.nn.Module, micro_batch: Batch, output: torch.Tensor):
+        logprobs, _ = self._token_logprobs(model, output, micro_batch["labels"], self.config.rollout.temperature)
+        numerator, count, sums = dapo_loss_terms(
+            logprobs, micro_batch, self.config.algorithm, self.config.rollout.max_response_length
         )
-        mask = micro_batch["loss_mask"]
-        loss_mat, pg_metrics = clipped_pg_losses(
-            logprobs,
-            micro_batch["old_logprobs"],
-            micro_batch["advantages"],
-            mask,
-            alg.clip_ratio_low,
-            alg.clip_ratio_high,
-            alg.clip_ratio_c,
-            micro_batch.get("rollout_is_weights"),
-        )
-        kl_sum = torch.zeros(())
-        if "ref_logprobs" in micro_batch:
-            kl = kl_penalty_k3(logprobs, micro_batch["ref_logprobs"])
-            loss_mat = loss_mat + alg.kl_coef * kl
-            kl_sum = (kl.detach() * mask).sum()
-        numerator, count = aggregate_loss_terms(loss_mat, mask, alg.loss_agg_mode, self.config.rollout.max_response_length)
-        tokens = mask.sum()
-        sums = {
-            "loss_numerator": numerator.detach(),
-            "loss_count": count,
-            "tokens": tokens,
-            "clip_high": pg_metrics["pg_clipfrac/high"] * tokens,
-            "clip_low": pg_metrics["pg_clipfrac/low"] * tokens,
-            "clip_dual": pg_metrics.get("pg_clipfrac/dual", torch.zeros(())) * tokens,
-            "ppo_kl": pg_metrics["ppo_kl"] * tokens,
-            "kl": kl_sum,
-        }
         return numerator, count.int(), sums
 
     def train_step(self, batch: Batch) -> dict[str, float]:
@@ -202,7 +205,7 @@ class MegatronActor:
 
         def forward_step(data_iterator: Iterator[Batch], model_chunk: torch.nn.Module):
             micro_batch = next(data_iterator)
-            return self._forward(model_chunk, micro_batch), partial(self._policy_loss_func, micro_batch)
+            return self._forward(model_chunk, micro_batch), partial(self._policy_loss_func, model_chunk, micro_batch)
 
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step,
@@ -215,10 +218,10 @@ class MegatronActor:
         )
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
-        sums = torch.zeros(len(_SUM_KEYS), dtype=torch.float64)
+        sums = torch.zeros(len(METRIC_SUM_KEYS), dtype=torch.float64)
         if parallel_state.is_pipeline_last_stage():
             for output in outputs:
-                sums += torch.stack([output[k].double() for k in _SUM_KEYS])
+                sums += torch.stack([output[k].double() for k in METRIC_SUM_KEYS])
         # Sum over DP ranks (and bring the last stage's values to every rank of the pipeline).
         dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
         dist.broadcast(
@@ -226,7 +229,7 @@ class MegatronActor:
             src=parallel_state.get_pipeline_model_parallel_last_rank(),
             group=parallel_state.get_pipeline_model_parallel_group(),
         )
-        total = dict(zip(_SUM_KEYS, sums.tolist()))
+        total = dict(zip(METRIC_SUM_KEYS, sums.tolist()))
         tokens = max(total["tokens"], 1.0)
         return {
             "actor/pg_loss": total["loss_numerator"] / max(total["loss_count"], 1e-8),

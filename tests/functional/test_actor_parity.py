@@ -40,11 +40,15 @@ def _hf_logprobs(model, batch, temperature):
     return torch.log_softmax(logits, -1).gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
 
 
+LOSS_IMPLS = ["naive", "fused", "fused_linear"]
+
+
+@pytest.mark.parametrize("loss_impl", LOSS_IMPLS)
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_logprobs_match_transformers(megatron_world, tmp_path, tied, temperature):
+def test_logprobs_match_transformers(megatron_world, tmp_path, tied, temperature, loss_impl):
     reference = make_tiny_qwen2(tmp_path, tied)
-    actor = MegatronActor(_config(), str(tmp_path), total_steps=1)
+    actor = MegatronActor(_config(**{"model.loss_impl": loss_impl}), str(tmp_path), total_steps=1)
     batch = _random_batch()
     logprobs, entropy = actor.compute_logprobs(batch, temperature)
     with torch.no_grad():
@@ -65,12 +69,15 @@ def _megatron_grads_by_hf_name(actor):
     return grads
 
 
+@pytest.mark.parametrize("loss_impl", LOSS_IMPLS)
+@pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("micro_batch_size", [8, 2, 1])
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
-def test_train_step_gradients_equal_full_batch_reference(megatron_world, tmp_path, micro_batch_size, mode):
-    """Pitfall 1: any micro-batch split gives the single-batch gradient of the step's loss."""
-    reference = make_tiny_qwen2(tmp_path, tied=False)
-    actor = MegatronActor(_config(**{"parallel.micro_batch_size": micro_batch_size, "algorithm.loss_agg_mode": mode}), str(tmp_path), total_steps=1)
+def test_train_step_gradients_equal_full_batch_reference(megatron_world, tmp_path, micro_batch_size, mode, tied, loss_impl):
+    """Pitfall 1: any micro-batch split gives the single-batch gradient of the step's loss, for every loss op."""
+    reference = make_tiny_qwen2(tmp_path, tied=tied)
+    overrides = {"parallel.micro_batch_size": micro_batch_size, "algorithm.loss_agg_mode": mode, "model.loss_impl": loss_impl}
+    actor = MegatronActor(_config(**overrides), str(tmp_path), total_steps=1)
     batch = _random_batch(seed=1)
     with torch.no_grad():
         old = _hf_logprobs(reference, batch, 1.0) + 0.3 * torch.randn(batch["labels"].shape)  # ratios != 1

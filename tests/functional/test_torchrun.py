@@ -28,9 +28,18 @@ def single_process_step(tmp_path_factory):
     return _first_step([sys.executable], tmp_path_factory.mktemp("single"))
 
 
-@pytest.mark.parametrize("layout", ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["parallel.tensor_model_parallel_size=2"],
+        ["parallel.pipeline_model_parallel_size=2"],
+        ["parallel.tensor_model_parallel_size=2", "model.loss_impl=fused_linear"],
+        ["parallel.tensor_model_parallel_size=2", "model.loss_impl=naive"],
+    ],
+    ids=["tp2", "pp2", "tp2-fused_linear", "tp2-naive"],
+)
 def test_two_process_layout_matches_single_process(single_process_step, tmp_path, layout):
-    parallel = _first_step(TORCHRUN, tmp_path, layout)
+    parallel = _first_step(TORCHRUN, tmp_path, *layout)
     assert parallel["acc/mean"] == single_process_step["acc/mean"]  # same rollouts: they do not depend on the layout
     for key in ("actor/pg_loss", "actor/grad_norm", "entropy/mean", "rollout/train_logprob_abs_diff"):
         assert parallel[key] == pytest.approx(single_process_step[key], rel=1e-4, abs=1e-6), key

@@ -1,0 +1,17 @@
+"""Benchmarks run (quick sizes) and print their ratio lines; the numbers themselves are not asserted."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_fused_loss_benchmark_quick():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_fused_loss.py"), "--quick"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert re.fullmatch(r"fused_linear/naive peak_mem_ratio=\d+\.\d+ time_ratio=\d+\.\d+", lines[-1])
+    assert any(re.fullmatch(r"fused_linear scaling 2048/512 peak_mem_ratio=\d+\.\d+", line) for line in lines)
