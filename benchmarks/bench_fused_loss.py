@@ -1,10 +1,11 @@
-"""Naive vs fused vs fused-linear log-prob/entropy loss: peak memory and time of forward+backward on CPU.
+"""DAPO loss through ``model.loss_impl`` naive / fused / fused_linear: peak memory and time of forward+backward.
 
 Each variant runs in its own child process (this script with ``--variant``) so that peaks do not mix; the
 parent prints a table and ratios. Peak memory is the child's peak resident set size above its resident
 size just before the workload (inputs, outputs, gradients and temporaries included; interpreter and
-libraries excluded). Each variant computes per-token log-prob and entropy of ``softmax(hidden @ W^T)`` and
-back-propagates ``-mean(logprob)`` into both ``hidden`` and ``W`` (fp32, one timed iteration).
+libraries excluded). Each variant computes what a training micro-batch computes — logits ``hidden @ W^T``,
+per-token log-probs (and entropy), DAPO's token-mean clipped loss — and back-propagates it into ``hidden``
+and ``W`` (fp32 on CPU, one timed iteration).
 
     python benchmarks/bench_fused_loss.py            # 4096 tokens × vocab 152064 × hidden 1024, plus 16384-token scaling
     python benchmarks/bench_fused_loss.py --quick    # small sizes, seconds
@@ -30,23 +31,33 @@ VARIANTS = ("naive", "fused", "fused_linear")
 
 def run_variant(variant: str, tokens: int, vocab: int, hidden_size: int, chunk_size: int) -> dict[str, float]:
     """Run one variant in this process; returns peak memory above the starting RSS (MB) and seconds."""
-    from megatron_dapo.ops import fused_linear_logprobs_entropy, naive_logprobs_entropy, vocab_parallel_logprobs_entropy
+    from megatron_dapo.config import AlgorithmConfig
+    from megatron_dapo.ops import naive_logprobs_entropy, vocab_parallel_logprobs_entropy
+    from megatron_dapo.ops.dapo_loss import dapo_loss_terms, fused_linear_dapo_loss_terms
 
     baseline_mb = psutil.Process().memory_info().rss / 2**20
     generator = torch.Generator().manual_seed(0)
-    hidden = (torch.randn(tokens, hidden_size, generator=generator) * 0.5).requires_grad_(True)
+    hidden = (torch.randn(1, tokens, hidden_size, generator=generator) * 0.5).requires_grad_(True)
     weight = (torch.randn(vocab, hidden_size, generator=generator) * 0.05).requires_grad_(True)
-    labels = torch.randint(0, vocab, (tokens,), generator=generator)
+    labels = torch.randint(0, vocab, (1, tokens), generator=generator)
+    batch = {
+        "labels": labels,
+        "loss_mask": torch.ones(1, tokens),
+        "old_logprobs": -12.0 + torch.randn(1, tokens, generator=generator) * 0.1,
+        "advantages": torch.randn(1, tokens, generator=generator),
+    }
+    algorithm = AlgorithmConfig()
     start = time.perf_counter()
     if variant == "fused_linear":
-        logprob, entropy = fused_linear_logprobs_entropy(hidden, weight, labels, vocab, chunk_size=chunk_size)
+        loss, count, sums = fused_linear_dapo_loss_terms(hidden, weight, batch, algorithm, tokens, vocab, 1.0, None, chunk_size)
     else:
         op = naive_logprobs_entropy if variant == "naive" else vocab_parallel_logprobs_entropy
-        logprob, entropy = op(hidden @ weight.t(), labels, vocab)
-    (-logprob.mean()).backward()
+        logprob, _ = op(hidden @ weight.t(), labels, vocab)
+        loss, count, sums = dapo_loss_terms(logprob, batch, algorithm, tokens)
+    (loss / count).backward()
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"peak_mb": peak_mb - baseline_mb, "seconds": seconds, "entropy_mean": float(entropy.mean())}
+    return {"peak_mb": peak_mb - baseline_mb, "seconds": seconds, "loss": float(loss / count)}
 
 
 def measure(variant: str, tokens: int, args: argparse.Namespace) -> dict[str, float]:
@@ -62,7 +73,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=152064)
     parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--chunk-size", type=int, default=512)
     parser.add_argument("--scaling-factor", type=int, default=4, help="fused_linear alone at tokens × this")
     parser.add_argument("--quick", action="store_true", help="512 tokens × vocab 32768 × hidden 256")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)

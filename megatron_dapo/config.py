@@ -25,7 +25,7 @@ class ModelConfig:
     hf_path: str | None = None  # HF folder (config.json + safetensors + tokenizer); None builds the toy model
     make_vocab_size_divisible_by: int = 128
     loss_impl: str = "fused"  # naive (gathers full-vocab logits) | fused (vocab-parallel) | fused_linear (chunked)
-    loss_chunk_size: int = 1024  # tokens per chunk of the fused_linear loss
+    loss_chunk_size: int = 512  # tokens per chunk of the fused_linear loss
 
 
 @dataclass

@@ -30,7 +30,7 @@ from megatron_dapo.actor.model import build_gpt_model, transformer_config_from_h
 from megatron_dapo.batch import split_batch
 from megatron_dapo.config import DapoConfig
 from megatron_dapo.ops import fused_linear_logprobs_entropy, naive_logprobs_entropy, vocab_parallel_logprobs_entropy
-from megatron_dapo.ops.dapo_loss import METRIC_SUM_KEYS, dapo_loss_terms
+from megatron_dapo.ops.dapo_loss import METRIC_SUM_KEYS, dapo_loss_terms, fused_linear_dapo_loss_terms
 from megatron_dapo.weights.hf_mapping import ModelLayout
 from megatron_dapo.weights.transfer import gather_hf_state, load_hf_checkpoint, unwrap
 
@@ -119,6 +119,10 @@ class MegatronActor:
         with _output_layer_bypassed(gpt) if bypass else nullcontext():
             return model(input_ids, position_ids, None)
 
+    def _output_weight(self, model: torch.nn.Module) -> torch.Tensor:
+        gpt = unwrap(model)
+        return gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else gpt.output_layer.weight
+
     def _token_logprobs(
         self, model: torch.nn.Module, output: torch.Tensor, labels: torch.Tensor, temperature: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,10 +131,9 @@ class MegatronActor:
         vocab_size = self.layout.vocab_size
         impl = self.config.model.loss_impl
         if impl == "fused_linear":
-            gpt = unwrap(model)
-            weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else gpt.output_layer.weight
             return fused_linear_logprobs_entropy(
-                output, weight, labels, vocab_size, temperature, tp_group, self.config.model.loss_chunk_size
+                output, self._output_weight(model), labels, vocab_size, temperature, tp_group,
+                self.config.model.loss_chunk_size,
             )
         if impl == "fused":
             return vocab_parallel_logprobs_entropy(output, labels, vocab_size, temperature, tp_group)
@@ -189,10 +192,15 @@ class MegatronActor:
 
     # ------------------------------------------------------------------ training
     def _policy_loss_func(self, model: torch.nn.Module, micro_batch: Batch, output: torch.Tensor):
-        logprobs, _ = self._token_logprobs(model, output, micro_batch["labels"], self.config.rollout.temperature)
-        numerator, count, sums = dapo_loss_terms(
-            logprobs, micro_batch, self.config.algorithm, self.config.rollout.max_response_length
-        )
+        alg, temperature, norm_length = self.config.algorithm, self.config.rollout.temperature, self.config.rollout.max_response_length
+        if self.config.model.loss_impl == "fused_linear":
+            numerator, count, sums = fused_linear_dapo_loss_terms(
+                output, self._output_weight(model), micro_batch, alg, norm_length, self.layout.vocab_size,
+                temperature, parallel_state.get_tensor_model_parallel_group(), self.config.model.loss_chunk_size,
+            )
+        else:
+            logprobs, _ = self._token_logprobs(model, output, micro_batch["labels"], temperature)
+            numerator, count, sums = dapo_loss_terms(logprobs, micro_batch, alg, norm_length)
         return numerator, count.int(), sums
 
     def train_step(self, batch: Batch) -> dict[str, float]:

@@ -6,6 +6,7 @@ from megatron_dapo.algorithm.overlong import overlong_filter_mask, overlong_pena
 from megatron_dapo.algorithm.policy_loss import (
     LOSS_AGG_MODES,
     aggregate_loss_terms,
+    aggregation_weights,
     clipped_pg_losses,
     kl_penalty_k3,
     masked_mean,
@@ -16,6 +17,7 @@ from megatron_dapo.algorithm.policy_loss import (
 __all__ = [
     "LOSS_AGG_MODES",
     "aggregate_loss_terms",
+    "aggregation_weights",
     "clipped_pg_losses",
     "compute_group_advantages",
     "dynamic_sampling_keep",

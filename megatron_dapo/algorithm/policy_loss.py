@@ -12,6 +12,24 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
+def aggregation_weights(
+    loss_mask: torch.Tensor, loss_agg_mode: str, norm_length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token weights and the count such that loss = Σ weights·l / count (see ``aggregate_loss_terms``)."""
+    mask = loss_mask.float()
+    token_counts = mask.sum(dim=-1, keepdim=True)
+    num_seqs = (token_counts > 0).float().sum()
+    if loss_agg_mode == "token-mean":
+        return mask, mask.sum()
+    if loss_agg_mode == "seq-mean-token-sum":
+        return mask, num_seqs
+    if loss_agg_mode == "seq-mean-token-mean":
+        return mask / token_counts.clamp(min=1), num_seqs
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        return mask / (norm_length if norm_length is not None else loss_mask.shape[-1]), num_seqs
+    raise ValueError(f"algorithm.loss_agg_mode={loss_agg_mode!r} is not one of {LOSS_AGG_MODES}")
+
+
 def aggregate_loss_terms(
     loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str, norm_length: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,20 +46,8 @@ def aggregate_loss_terms(
 
     Sequences without any unmasked token do not count. Shapes: ``[batch, seq]``.
     """
-    mask = loss_mask.to(loss_mat.dtype)
-    token_sums = (loss_mat * mask).sum(dim=-1)
-    token_counts = mask.sum(dim=-1)
-    seq_present = (token_counts > 0).to(loss_mat.dtype)
-    if loss_agg_mode == "token-mean":
-        return token_sums.sum(), token_counts.sum()
-    if loss_agg_mode == "seq-mean-token-sum":
-        return token_sums.sum(), seq_present.sum()
-    if loss_agg_mode == "seq-mean-token-mean":
-        return (token_sums / token_counts.clamp(min=1)).sum(), seq_present.sum()
-    if loss_agg_mode == "seq-mean-token-sum-norm":
-        length = norm_length if norm_length is not None else loss_mat.shape[-1]
-        return token_sums.sum() / length, seq_present.sum()
-    raise ValueError(f"algorithm.loss_agg_mode={loss_agg_mode!r} is not one of {LOSS_AGG_MODES}")
+    weights, count = aggregation_weights(loss_mask, loss_agg_mode, norm_length)
+    return (loss_mat * weights.to(loss_mat.dtype)).sum(), count
 
 
 def clipped_pg_losses(

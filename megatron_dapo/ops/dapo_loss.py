@@ -1,42 +1,58 @@
-"""DAPO's per-micro-batch loss in Megatron's per-token contract: ``(loss_numerator, count, metric sums)``."""
+"""DAPO's per-micro-batch loss in Megatron's per-token contract: ``(loss_numerator, count, metric sums)``.
+
+``dapo_loss_terms`` takes per-token log-probs from any op (autograd flows through them);
+``fused_linear_dapo_loss_terms`` goes from hidden states straight to the loss with ``fused_linear_loss``.
+Both use the same per-token loss, ``dapo_token_losses``.
+"""
 
 from __future__ import annotations
 
 import torch
+from torch.distributed import ProcessGroup
 
-from megatron_dapo.algorithm import aggregate_loss_terms, clipped_pg_losses, kl_penalty_k3
+from megatron_dapo.algorithm import aggregation_weights, clipped_pg_losses, kl_penalty_k3
 from megatron_dapo.config import AlgorithmConfig
+from megatron_dapo.ops.fused_linear_loss import fused_linear_loss
 
 # Per-micro-batch sums, added over micro-batches and DP ranks after a step, then normalised.
 METRIC_SUM_KEYS = ("loss_numerator", "loss_count", "tokens", "clip_high", "clip_low", "clip_dual", "ppo_kl", "kl")
+# Per-token inputs of the loss besides the log-probs.
+LOSS_INPUT_KEYS = ("old_logprobs", "advantages", "loss_mask", "rollout_is_weights", "ref_logprobs")
+
+
+def dapo_token_losses(
+    logprobs: torch.Tensor, inputs: dict[str, torch.Tensor], algorithm: AlgorithmConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    """Per-token loss (clipped policy gradient, + ``kl_coef``·k3 when ``ref_logprobs`` are given), metrics, k3."""
+    loss_mat, pg_metrics = clipped_pg_losses(
+        logprobs,
+        inputs["old_logprobs"],
+        inputs["advantages"],
+        inputs["loss_mask"],
+        algorithm.clip_ratio_low,
+        algorithm.clip_ratio_high,
+        algorithm.clip_ratio_c,
+        inputs.get("rollout_is_weights"),
+    )
+    kl = None
+    if "ref_logprobs" in inputs:
+        kl = kl_penalty_k3(logprobs, inputs["ref_logprobs"])
+        loss_mat = loss_mat + algorithm.kl_coef * kl
+    return loss_mat, pg_metrics, kl
 
 
 def dapo_loss_terms(
     logprobs: torch.Tensor, micro_batch: dict[str, torch.Tensor], algorithm: AlgorithmConfig, norm_length: int
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Decoupled/dual-clip policy loss (+ optional k3 KL to the reference) of one micro-batch.
+    """Loss numerator, its count (tokens for ``token-mean``, sequences otherwise) and metric sums.
 
-    ``logprobs`` ``[batch, seq]`` come from the current policy (any ``loss_impl``); ``micro_batch`` holds
-    ``old_logprobs``, ``advantages``, ``loss_mask`` and optionally ``rollout_is_weights``, ``ref_logprobs``.
-    Returns the loss numerator, its count (tokens for ``token-mean``, sequences otherwise) and metric sums.
+    ``logprobs`` ``[batch, seq]`` come from the current policy; ``micro_batch`` holds ``old_logprobs``,
+    ``advantages``, ``loss_mask`` and optionally ``rollout_is_weights`` and ``ref_logprobs``.
     """
     mask = micro_batch["loss_mask"]
-    loss_mat, pg_metrics = clipped_pg_losses(
-        logprobs,
-        micro_batch["old_logprobs"],
-        micro_batch["advantages"],
-        mask,
-        algorithm.clip_ratio_low,
-        algorithm.clip_ratio_high,
-        algorithm.clip_ratio_c,
-        micro_batch.get("rollout_is_weights"),
-    )
-    kl_sum = torch.zeros(())
-    if "ref_logprobs" in micro_batch:
-        kl = kl_penalty_k3(logprobs, micro_batch["ref_logprobs"])
-        loss_mat = loss_mat + algorithm.kl_coef * kl
-        kl_sum = (kl.detach() * mask).sum()
-    numerator, count = aggregate_loss_terms(loss_mat, mask, algorithm.loss_agg_mode, norm_length)
+    loss_mat, pg_metrics, kl = dapo_token_losses(logprobs, micro_batch, algorithm)
+    weights, count = aggregation_weights(mask, algorithm.loss_agg_mode, norm_length)
+    numerator = (loss_mat * weights).sum()
     tokens = mask.sum()
     sums = {
         "loss_numerator": numerator.detach(),
@@ -46,6 +62,33 @@ def dapo_loss_terms(
         "clip_low": pg_metrics["pg_clipfrac/low"] * tokens,
         "clip_dual": pg_metrics.get("pg_clipfrac/dual", torch.zeros(())) * tokens,
         "ppo_kl": pg_metrics["ppo_kl"] * tokens,
-        "kl": kl_sum,
+        "kl": torch.zeros(()) if kl is None else (kl.detach() * mask).sum(),
     }
+    return numerator, count, sums
+
+
+def fused_linear_dapo_loss_terms(
+    hidden: torch.Tensor,
+    weight_shard: torch.Tensor,
+    micro_batch: dict[str, torch.Tensor],
+    algorithm: AlgorithmConfig,
+    norm_length: int,
+    vocab_size: int,
+    temperature: float,
+    group: ProcessGroup | None,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """As ``dapo_loss_terms``, from the last hidden states ``[batch, seq, H]`` and the output weight shard."""
+    weights, count = aggregation_weights(micro_batch["loss_mask"], algorithm.loss_agg_mode, norm_length)
+    flat = {k: micro_batch[k].reshape(1, -1) for k in LOSS_INPUT_KEYS if k in micro_batch}
+    flat_weights = weights.reshape(1, -1)
+
+    def chunk_loss(chunk_logprob: torch.Tensor, part: slice) -> torch.Tensor:
+        loss_mat, _, _ = dapo_token_losses(chunk_logprob.unsqueeze(0), {k: v[:, part] for k, v in flat.items()}, algorithm)
+        return (loss_mat * flat_weights[:, part]).sum()
+
+    numerator, logprobs, _ = fused_linear_loss(
+        hidden, weight_shard, micro_batch["labels"], chunk_loss, vocab_size, temperature, group, chunk_size
+    )
+    _, _, sums = dapo_loss_terms(logprobs, micro_batch, algorithm, norm_length)  # metrics of the same log-probs
     return numerator, count, sums

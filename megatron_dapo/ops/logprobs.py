@@ -74,7 +74,9 @@ def _softmax_stats(
     exp_z = (z - max_logit.unsqueeze(-1)).exp_()
     local, in_shard = _local_labels(labels, vocab_start, z.shape[-1])
     target = z.gather(-1, local.unsqueeze(-1)).squeeze(-1) * in_shard
-    sums = torch.stack([exp_z.sum(-1), torch.linalg.vecdot(exp_z, z), target])
+    sum_exp = exp_z.sum(-1)
+    sum_exp_z = exp_z.mul_(z).sum(-1)  # exp_z is ours: reuse its storage rather than a third [tokens, V] tensor
+    sums = torch.stack([sum_exp, sum_exp_z, target])
     sum_exp, sum_exp_z, target = _all_reduce(sums, dist.ReduceOp.SUM, group)
     return max_logit + torch.log(sum_exp), target, sum_exp_z / sum_exp
 
@@ -203,7 +205,7 @@ def fused_linear_logprobs_entropy(
     vocab_size: int,
     temperature: float = 1.0,
     group: ProcessGroup | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = 512,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked output layer + per-token ``(logprob, entropy)``; ``hidden`` is ``[..., H]``, outputs ``[...]``."""
     leading = hidden.shape[:-1]

@@ -45,3 +45,30 @@ def _check_rank(rank: int, init_file: str) -> None:
 
 def test_tp2_matches_full_vocabulary_reference(tmp_path):
     mp.spawn(_check_rank, args=(str(tmp_path / "rendezvous"),), nprocs=TP, join=True)
+
+
+def _check_dapo_loss_rank(rank: int, init_file: str) -> None:
+    from megatron_dapo.config import AlgorithmConfig
+    from megatron_dapo.ops.dapo_loss import fused_linear_dapo_loss_terms
+
+    from ..unit.test_fused_logprobs import dapo_micro_batch, naive_dapo_loss
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=TP)
+    shard = slice(rank * PADDED // TP, (rank + 1) * PADDED // TP)
+    algorithm = AlgorithmConfig(clip_ratio_c=3.0, kl_coef=0.1)
+    hidden, weight, labels, _ = _inputs(seed=7)
+    batch = dapo_micro_batch(labels)
+    ref_hidden, ref_weight = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    ref_numerator, _, _ = naive_dapo_loss(ref_hidden, ref_weight, batch, algorithm, 0.7)
+    ref_numerator.backward()
+    fused_hidden, weight_shard = hidden.clone().requires_grad_(True), weight[shard].clone().requires_grad_(True)
+    numerator, _, _ = fused_linear_dapo_loss_terms(fused_hidden, weight_shard, batch, algorithm, 16, VOCAB, 0.7, dist.group.WORLD, 5)
+    numerator.backward()
+    assert abs(numerator.item() - ref_numerator.item()) < 1e-5
+    assert torch.allclose(fused_hidden.grad, ref_hidden.grad, atol=1e-5)
+    assert torch.allclose(weight_shard.grad, ref_weight.grad[shard], atol=1e-5)
+    dist.destroy_process_group()
+
+
+def test_tp2_fused_linear_dapo_loss_matches_naive(tmp_path):
+    mp.spawn(_check_dapo_loss_rank, args=(str(tmp_path / "rendezvous"),), nprocs=TP, join=True)

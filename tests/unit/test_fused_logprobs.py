@@ -88,3 +88,53 @@ def test_bf16_inputs_within_stated_tolerance():
     logits = (hidden.detach() @ weight.t()).requires_grad_(True)
     logprob, _ = vocab_parallel_logprobs_entropy(logits, labels, VOCAB, 1.0)
     assert torch.allclose(logprob.double(), ref_logprob, atol=2e-2, rtol=2e-2)
+
+
+def dapo_micro_batch(labels, seed=5, with_ref=True):
+    """Side inputs of the DAPO loss for ``labels [b, s]``: masks with different lengths, ratios around 1."""
+    generator = torch.Generator().manual_seed(seed)
+    b, s = labels.shape
+    mask = torch.zeros(b, s)
+    for row in range(b):
+        mask[row, : 2 + 3 * row] = 1
+    batch = {
+        "labels": labels,
+        "loss_mask": mask,
+        "old_logprobs": -3.0 + 0.5 * torch.randn(b, s, generator=generator),
+        "advantages": torch.randn(b, 1, generator=generator).expand(b, s).contiguous(),
+        "rollout_is_weights": torch.rand(b, s, generator=generator) + 0.5,
+    }
+    if with_ref:
+        batch["ref_logprobs"] = -3.0 + 0.5 * torch.randn(b, s, generator=generator)
+    return batch
+
+
+def naive_dapo_loss(hidden, weight, batch, algorithm, temperature):
+    from megatron_dapo.ops.dapo_loss import dapo_loss_terms
+
+    logprobs, _ = naive_logprobs_entropy(hidden @ weight.t(), batch["labels"], VOCAB, temperature)
+    return dapo_loss_terms(logprobs, batch, algorithm, norm_length=16)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("chunk_size", [4, 1024])
+def test_fused_linear_dapo_loss_matches_naive(mode, chunk_size):
+    from megatron_dapo.config import AlgorithmConfig
+    from megatron_dapo.ops.dapo_loss import fused_linear_dapo_loss_terms
+
+    algorithm = AlgorithmConfig(loss_agg_mode=mode, clip_ratio_c=3.0, kl_coef=0.1)
+    hidden, weight, labels, _ = _inputs(seed=6)
+    batch = dapo_micro_batch(labels)
+    ref_hidden, ref_weight = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    ref_numerator, ref_count, ref_sums = naive_dapo_loss(ref_hidden, ref_weight, batch, algorithm, 0.7)
+    ref_numerator.backward()
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    numerator, count, sums = fused_linear_dapo_loss_terms(hidden, weight, batch, algorithm, 16, VOCAB, 0.7, None, chunk_size)
+    (2.0 * numerator).backward()  # the upstream scale reaches the saved gradients
+    assert numerator.item() == pytest.approx(ref_numerator.item(), rel=1e-5, abs=1e-6)
+    assert count.item() == ref_count.item()
+    for key in ref_sums:
+        assert sums[key].item() == pytest.approx(ref_sums[key].item(), rel=1e-5, abs=1e-6), key
+    assert torch.allclose(hidden.grad, 2.0 * ref_hidden.grad, atol=1e-5)
+    assert torch.allclose(weight.grad, 2.0 * ref_weight.grad, atol=1e-5)
