@@ -37,7 +37,6 @@ from megatron_dapo.weights.transfer import gather_hf_state, load_hf_checkpoint, 
 Batch = dict[str, torch.Tensor]
 
 
-
 @contextmanager
 def _output_layer_bypassed(gpt: torch.nn.Module) -> Iterator[None]:
     """Make ``GPTModel`` return its final hidden states ``[b, s, h]`` instead of logits (fused-linear loss)."""
@@ -109,7 +108,7 @@ class MegatronActor:
         load_hf_checkpoint(model, hf_dir, self.layout)
         return model
 
-    # ------------------------------------------------------------------ forward-only log-probs
+    # ------------------------------------------------------------------ forward and per-token log-probs
     def _forward(self, model: torch.nn.Module, micro_batch: Batch) -> torch.Tensor:
         """Logits shard ``[b, s, V/TP]`` — or, for ``fused_linear`` on the last stage, hidden states ``[b, s, h]``."""
         input_ids = micro_batch["input_ids"]
@@ -144,6 +143,7 @@ class MegatronActor:
         zero = logprobs.sum() * 0.0
         return zero, micro_batch["loss_mask"].sum().int(), {"logprobs": logprobs.detach(), "entropy": entropy.detach()}
 
+    # ------------------------------------------------------------------ forward-only log-probs
     @torch.no_grad()
     def compute_logprobs(
         self, batch: Batch, temperature: float, use_reference: bool = False
