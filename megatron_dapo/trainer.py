@@ -161,10 +161,11 @@ def train(config: DapoConfig) -> tuple[float | None, float | None]:
             progress.set_postfix(acc=f"{metrics['acc/mean']:.3f}", loss=f"{metrics['actor/pg_loss']:.4f}")
 
     accuracy_after = _evaluate(config, engine, val_records, tokenizer)
-    final_state = actor.hf_state_dict()
-    if is_rank_zero():
-        if config.trainer.export_hf:
+    if config.trainer.export_hf:
+        final_state = actor.hf_state_dict()  # collective: every rank takes part, rank 0 writes
+        if is_rank_zero():
             save_hf_checkpoint(final_state, actor.hf_config, Path(config.trainer.output_dir) / "hf_final", tokenizer)
+    if logger is not None:
         logger.close()
     destroy_distributed()
     return accuracy_before, accuracy_after

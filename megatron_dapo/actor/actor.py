@@ -54,8 +54,7 @@ def _data_parallel_slice(batch: Batch) -> Batch:
     size = next(iter(batch.values())).shape[0]
     if size % dp_size:
         raise ValueError(f"batch of {size} samples does not split over {dp_size} data-parallel ranks")
-    share = size // dp_size
-    return {k: v[dp_rank * share : (dp_rank + 1) * share] for k, v in batch.items()}
+    return split_batch(batch, size // dp_size)[dp_rank]
 
 
 class MegatronActor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.distributed import ProcessGroup
 
-from megatron_dapo.algorithm import aggregation_weights, clipped_pg_losses, kl_penalty_k3
+from megatron_dapo.algorithm import aggregate_loss_terms, aggregation_weights, clipped_pg_losses, kl_penalty_k3
 from megatron_dapo.config import AlgorithmConfig
 from megatron_dapo.ops.fused_linear_loss import fused_linear_loss
 
@@ -51,8 +51,7 @@ def dapo_loss_terms(
     """
     mask = micro_batch["loss_mask"]
     loss_mat, pg_metrics, kl = dapo_token_losses(logprobs, micro_batch, algorithm)
-    weights, count = aggregation_weights(mask, algorithm.loss_agg_mode, norm_length)
-    numerator = (loss_mat * weights).sum()
+    numerator, count = aggregate_loss_terms(loss_mat, mask, algorithm.loss_agg_mode, norm_length)
     tokens = mask.sum()
     sums = {
         "loss_numerator": numerator.detach(),

@@ -16,7 +16,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from megatron_dapo.ops.logprobs import _all_reduce, _logit_grad, _shard_offset, _softmax_stats, _tempered_logits
+from megatron_dapo.ops.logprobs import (
+    _accumulate_linear_grads,
+    _all_reduce,
+    _chunk_logits,
+    _logit_grad,
+    _shard_offset,
+    _softmax_stats,
+)
 
 ChunkLoss = Callable[[torch.Tensor, slice], torch.Tensor]
 
@@ -35,7 +42,7 @@ class FusedLinearLoss(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         for start in range(0, num_tokens, chunk_size):
             part = slice(start, start + chunk_size)
-            z = _tempered_logits(hidden[part] @ weight.t(), vocab_start, vocab_size, temperature, scratch=True)
+            z = _chunk_logits(hidden[part], weight, vocab_start, vocab_size, temperature)
             log_normaliser, target, mean_logit = _softmax_stats(z, labels[part], vocab_start, group)
             logprob[part], entropy[part] = target - log_normaliser, log_normaliser - mean_logit
             with torch.enable_grad():
@@ -44,8 +51,7 @@ class FusedLinearLoss(torch.autograd.Function):
                 (grad_logprob,) = torch.autograd.grad(chunk_value, chunk_logprob)
             loss += chunk_value.detach()
             grad_z = _logit_grad(z, labels[part], vocab_start, log_normaliser, mean_logit, grad_logprob, None, temperature)
-            grad_hidden[part] = grad_z.to(weight.dtype) @ weight
-            grad_weight.addmm_(grad_z.t(), hidden[part].float())
+            _accumulate_linear_grads(grad_z, hidden, weight, part, grad_hidden, grad_weight)
         _all_reduce(grad_hidden, dist.ReduceOp.SUM, group)  # hidden is replicated over TP
         ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
         ctx.mark_non_differentiable(logprob, entropy)

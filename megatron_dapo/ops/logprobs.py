@@ -112,6 +112,26 @@ def _logit_grad(
     return grad
 
 
+def _chunk_logits(
+    hidden_chunk: torch.Tensor, weight: torch.Tensor, vocab_start: int, vocab_size: int, temperature: float
+) -> torch.Tensor:
+    """Tempered, padding-masked fp32 logits of one chunk of tokens (a scratch tensor of the caller's)."""
+    return _tempered_logits(hidden_chunk @ weight.t(), vocab_start, vocab_size, temperature, scratch=True)
+
+
+def _accumulate_linear_grads(
+    grad_z: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    part: slice,
+    grad_hidden: torch.Tensor,
+    grad_weight: torch.Tensor,
+) -> None:
+    """Turn a chunk's logit gradient into its rows of ``grad_hidden`` and add its share of ``grad_weight``."""
+    grad_hidden[part] = grad_z.to(weight.dtype) @ weight
+    grad_weight.addmm_(grad_z.t(), hidden[part].float())  # in place: no [V/TP, H] temporary per chunk
+
+
 class VocabParallelLogProbs(torch.autograd.Function):
     """(logits shard ``[..., V/TP]``, labels ``[...]``) → (log-prob ``[...]``, entropy ``[...]``), fp32."""
 
@@ -153,7 +173,7 @@ class FusedLinearLogProbs(torch.autograd.Function):
         entropy, log_normaliser, mean_logit = torch.empty_like(logprob), torch.empty_like(logprob), torch.empty_like(logprob)
         for start in range(0, num_tokens, chunk_size):
             part = slice(start, start + chunk_size)
-            z = _tempered_logits(hidden[part] @ weight.t(), vocab_start, vocab_size, temperature, scratch=True)
+            z = _chunk_logits(hidden[part], weight, vocab_start, vocab_size, temperature)
             log_normaliser[part], target, mean_logit[part] = _softmax_stats(z, labels[part], vocab_start, group)
             logprob[part] = target - log_normaliser[part]
             entropy[part] = log_normaliser[part] - mean_logit[part]
@@ -170,7 +190,7 @@ class FusedLinearLogProbs(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             part = slice(start, start + ctx.chunk_size)
-            z = _tempered_logits(hidden[part] @ weight.t(), ctx.vocab_start, ctx.vocab_size, ctx.temperature, scratch=True)
+            z = _chunk_logits(hidden[part], weight, ctx.vocab_start, ctx.vocab_size, ctx.temperature)
             grad_z = _logit_grad(
                 z,
                 labels[part],
@@ -181,8 +201,7 @@ class FusedLinearLogProbs(torch.autograd.Function):
                 None if grad_entropy is None else grad_entropy[part],
                 ctx.temperature,
             )
-            grad_hidden[part] = grad_z.to(weight.dtype) @ weight
-            grad_weight.addmm_(grad_z.t(), hidden[part].float())  # in place: no [V/TP, H] temporary per chunk
+            _accumulate_linear_grads(grad_z, hidden, weight, part, grad_hidden, grad_weight)
         _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
         return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None, None
 
