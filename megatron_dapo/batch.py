@@ -44,3 +44,40 @@ def split_batch(batch: dict[str, torch.Tensor], chunk_size: int) -> list[dict[st
     """Consecutive chunks of ``chunk_size`` samples (mini-batches for optimiser steps, micro-batches)."""
     size = next(iter(batch.values())).shape[0]
     return [{k: v[i : i + chunk_size] for k, v in batch.items()} for i in range(0, size, chunk_size)]
+
+
+def padding_aware_micro_batches(
+    batch: dict[str, torch.Tensor], micro_batch_size: int, width_multiple: int = 1
+) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+    """Micro-batches of samples sorted by length, each cut to its own longest sample.
+
+    A sample's length ends at its last ``loss_mask`` position (later positions affect nothing that is
+    trained or logged). Widths are rounded up to ``width_multiple`` (TP size under sequence parallelism).
+    Returns the micro-batches and ``order``: micro-batch rows concatenated are ``batch`` rows ``order``.
+    """
+    mask = batch["loss_mask"]
+    positions = torch.arange(1, mask.shape[1] + 1).expand_as(mask)
+    lengths = (positions * (mask > 0)).amax(dim=1).clamp_min(1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    sorted_batch = {k: v[order] for k, v in batch.items()}
+    micro_batches = []
+    for start in range(0, len(order), micro_batch_size):
+        longest = int(lengths[order[start : start + micro_batch_size]].max())
+        width = -(-longest // width_multiple) * width_multiple
+        micro_batches.append({k: _fit_width(v[start : start + micro_batch_size], width) for k, v in sorted_batch.items()})
+    return micro_batches, order
+
+
+def _fit_width(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """``[b, s]`` cut, or zero-padded on the right, to ``width`` columns."""
+    if width <= tensor.shape[1]:
+        return tensor[:, :width]
+    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]))
+
+
+def unsort_rows(parts: list[torch.Tensor], order: torch.Tensor, width: int) -> torch.Tensor:
+    """Inverse of ``padding_aware_micro_batches`` for per-token outputs: zero-pad to ``width``, undo the sort."""
+    padded = torch.cat([_fit_width(part, width) for part in parts])
+    result = torch.empty_like(padded)
+    result[order] = padded
+    return result

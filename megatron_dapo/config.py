@@ -48,7 +48,9 @@ class ToyModelConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
-    micro_batch_size: int = 8  # samples per micro-batch
+    sequence_parallel: bool = False  # with TP > 1: norms/dropout on sequence shards, activations 1/TP
+    use_distributed_optimizer: bool = False  # optimizer state and fp32 master weights sharded over DP
+    micro_batch_size: int = 8  # samples per micro-batch (padding-aware: sorted by length, cut to the longest)
 
 
 @dataclass
@@ -70,6 +72,7 @@ class RolloutConfig:
     val_n: int = 32  # avg@k samples per evaluation problem
     val_temperature: float = 1.0
     val_top_p: float = 0.7
+    weight_sync_bucket_mb: int = 512  # size of the flattened buckets the resharder sends to the engine
 
 
 @dataclass

@@ -26,7 +26,8 @@ from megatron_dapo.metrics import MetricsLogger, timed
 from megatron_dapo.rollout import HFRolloutEngine, RolloutEngine
 from megatron_dapo.rollout.collect import collect_training_groups
 from megatron_dapo.toy import build_toy_checkpoint
-from megatron_dapo.weights.hf_export import save_hf_checkpoint
+from megatron_dapo.weights.hf_export import write_hf_folder
+from megatron_dapo.weights.transfer import hf_specs
 
 T = TypeVar("T")
 
@@ -84,12 +85,23 @@ def build_rollout_engine(config: DapoConfig, hf_dir: str, tokenizer) -> RolloutE
     return HFRolloutEngine.from_pretrained(hf_dir, tokenizer.pad_token_id, tokenizer.eos_token_id, config.trainer.seed)
 
 
-def sync_weights(actor: MegatronActor, engine: RolloutEngine | None) -> None:
-    """Gather the actor's weights into HF names/layouts and load them into the engine (collective)."""
-    state = actor.hf_state_dict()
+def sync_weights(actor: MegatronActor, engine: RolloutEngine | None, bucket_mb: int) -> None:
+    """Stream the actor's weights, resharded into HF names/layouts, bucket by bucket into the engine (collective)."""
     if engine is not None:
         engine.resume_memory()
-        engine.update_weights(state.items())
+    for bucket in actor.hf_buckets(bucket_mb * 1024**2):
+        engine.update_weights(bucket)
+
+
+def export_hf(actor: MegatronActor, out_dir: Path, tokenizer, bucket_mb: int) -> None:
+    """Write the actor's weights as a Hugging Face folder on rank 0, streamed bucket by bucket (collective)."""
+    specs = hf_specs(actor.model, actor.layout)
+    tensors = (pair for bucket in actor.hf_buckets(bucket_mb * 1024**2) for pair in bucket)
+    if is_rank_zero():
+        write_hf_folder(specs, tensors, actor.hf_config, out_dir, tokenizer)
+    else:
+        for _ in tensors:  # take part in the collectives
+            pass
 
 
 def _evaluate(config: DapoConfig, engine: RolloutEngine | None, records, tokenizer) -> float | None:
@@ -155,16 +167,14 @@ def train(config: DapoConfig) -> tuple[float | None, float | None]:
                 ]
             metrics.update(_mean_metrics(updates))
             with timed(metrics, "sync"):
-                sync_weights(actor, engine)
+                sync_weights(actor, engine, ro.weight_sync_bucket_mb)
         if logger is not None:
             logger.log(step, metrics)
             progress.set_postfix(acc=f"{metrics['acc/mean']:.3f}", loss=f"{metrics['actor/pg_loss']:.4f}")
 
     accuracy_after = _evaluate(config, engine, val_records, tokenizer)
     if config.trainer.export_hf:
-        final_state = actor.hf_state_dict()  # collective: every rank takes part, rank 0 writes
-        if is_rank_zero():
-            save_hf_checkpoint(final_state, actor.hf_config, Path(config.trainer.output_dir) / "hf_final", tokenizer)
+        export_hf(actor, Path(config.trainer.output_dir) / "hf_final", tokenizer, ro.weight_sync_bucket_mb)
     if logger is not None:
         logger.close()
     destroy_distributed()

@@ -24,24 +24,35 @@ from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from transformers import AutoConfig
 
 from megatron_dapo.actor.model import build_gpt_model, transformer_config_from_hf
-from megatron_dapo.batch import split_batch
+from megatron_dapo.batch import padding_aware_micro_batches, split_batch, unsort_rows
 from megatron_dapo.config import DapoConfig
 from megatron_dapo.ops import fused_linear_logprobs_entropy, naive_logprobs_entropy, vocab_parallel_logprobs_entropy
 from megatron_dapo.ops.dapo_loss import METRIC_SUM_KEYS, dapo_loss_terms, fused_linear_dapo_loss_terms
 from megatron_dapo.weights.hf_mapping import ModelLayout
-from megatron_dapo.weights.transfer import gather_hf_state, load_hf_checkpoint, unwrap
+from megatron_dapo.weights.transfer import DEFAULT_BUCKET_BYTES, Bucket, load_hf_checkpoint, stream_hf_buckets, unwrap
 
 Batch = dict[str, torch.Tensor]
 
 
 @contextmanager
 def _output_layer_bypassed(gpt: torch.nn.Module) -> Iterator[None]:
-    """Make ``GPTModel`` return its final hidden states ``[b, s, h]`` instead of logits (fused-linear loss)."""
+    """Make ``GPTModel`` return its final hidden states ``[b, s, h]`` instead of logits (fused-linear loss).
+
+    Under sequence parallelism the hidden states are gathered over the sequence as the output layer would;
+    the gather's backward only splits, because the fused-linear op already all-reduces ``grad_hidden``.
+    """
     output_layer = gpt.output_layer
-    output_layer.forward = lambda hidden_states, weight=None, runtime_gather_output=None: (hidden_states, None)
+    if gpt.config.sequence_parallel:
+        def bypass(hidden_states, weight=None, runtime_gather_output=None):
+            return gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False), None
+    else:
+        def bypass(hidden_states, weight=None, runtime_gather_output=None):
+            return hidden_states, None
+    output_layer.forward = bypass
     try:
         yield
     finally:
@@ -62,13 +73,19 @@ class MegatronActor:
 
     def __init__(self, config: DapoConfig, hf_dir: str, total_steps: int) -> None:
         self.config = config
+        par = config.parallel
         self.hf_config = AutoConfig.from_pretrained(hf_dir)
         self.layout = ModelLayout.from_hf_config(self.hf_config)
         self.transformer_config = transformer_config_from_hf(
-            self.hf_config, config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size
+            self.hf_config,
+            par.tensor_model_parallel_size,
+            par.pipeline_model_parallel_size,
+            sequence_parallel=par.sequence_parallel,
         )
         model = self._build_and_load(hf_dir)
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=par.use_distributed_optimizer
+        )
         self.model = DistributedDataParallel(config=self.transformer_config, ddp_config=ddp_config, module=model)
         self.transformer_config.finalize_model_grads_func = finalize_model_grads
         self.transformer_config.no_sync_func = self.model.no_sync
@@ -84,6 +101,7 @@ class MegatronActor:
                 adam_eps=opt.adam_eps,
                 clip_grad=opt.clip_grad,
                 params_dtype=torch.float32,
+                use_distributed_optimizer=par.use_distributed_optimizer,
             ),
             [self.model],
         )
@@ -137,41 +155,52 @@ class MegatronActor:
             return vocab_parallel_logprobs_entropy(output, labels, vocab_size, temperature, tp_group)
         return naive_logprobs_entropy(output, labels, vocab_size, temperature, tp_group)
 
-    def _logprob_loss_func(self, model: torch.nn.Module, micro_batch: Batch, temperature: float, output: torch.Tensor):
+    def _logprob_loss_func(self, model: torch.nn.Module, micro_batch: Batch, output: torch.Tensor, temperature: float):
         logprobs, entropy = self._token_logprobs(model, output, micro_batch["labels"], temperature)
         zero = logprobs.sum() * 0.0
         return zero, micro_batch["loss_mask"].sum().int(), {"logprobs": logprobs.detach(), "entropy": entropy.detach()}
+
+    # ------------------------------------------------------------------ schedule
+    def _micro_batches(self, batch: Batch) -> tuple[list[Batch], torch.Tensor]:
+        """This DP rank's padding-aware micro-batches (see ``padding_aware_micro_batches``) and their order."""
+        multiple = parallel_state.get_tensor_model_parallel_world_size() if self.transformer_config.sequence_parallel else 1
+        return padding_aware_micro_batches(_data_parallel_slice(batch), self.config.parallel.micro_batch_size, multiple)
+
+    def _run_schedule(self, model: torch.nn.Module, micro: list[Batch], loss_func, forward_only: bool) -> list[dict]:
+        """Megatron's forward/backward schedule (1F1B under PP) over ``micro``; last stage's loss outputs."""
+
+        def forward_step(data_iterator: Iterator[Batch], model_chunk: torch.nn.Module):
+            micro_batch = next(data_iterator)
+            return self._forward(model_chunk, micro_batch), partial(loss_func, model_chunk, micro_batch)
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro),
+            model=[model],
+            num_microbatches=len(micro),
+            seq_length=max(m["input_ids"].shape[1] for m in micro),
+            micro_batch_size=self.config.parallel.micro_batch_size,
+            forward_only=forward_only,
+        )
 
     # ------------------------------------------------------------------ forward-only log-probs
     @torch.no_grad()
     def compute_logprobs(
         self, batch: Batch, temperature: float, use_reference: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logprobs, entropy)`` ``[batch, seq]`` of ``batch['labels']`` for the whole batch, on every rank."""
+        """``(logprobs, entropy)`` ``[batch, seq]`` of ``batch['labels']`` for the whole batch, on every rank.
+
+        Positions after a sample's last ``loss_mask`` token are 0 (they are cut from its micro-batch).
+        """
         model = self.ref_model if use_reference else self.model
         model.eval()
-        local = _data_parallel_slice({k: batch[k] for k in ("input_ids", "labels", "loss_mask")})
-        micro = split_batch(local, self.config.parallel.micro_batch_size)
-
-        def forward_step(data_iterator: Iterator[Batch], model_chunk: torch.nn.Module):
-            micro_batch = next(data_iterator)
-            return self._forward(model_chunk, micro_batch), partial(
-                self._logprob_loss_func, model_chunk, micro_batch, temperature
-            )
-
-        outputs = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(micro),
-            model=[model],
-            num_microbatches=len(micro),
-            seq_length=local["input_ids"].shape[1],
-            micro_batch_size=self.config.parallel.micro_batch_size,
-            forward_only=True,
-        )
-        shape = local["input_ids"].shape
+        micro, order = self._micro_batches({k: batch[k] for k in ("input_ids", "labels", "loss_mask")})
+        outputs = self._run_schedule(model, micro, partial(self._logprob_loss_func, temperature=temperature), True)
+        width = batch["input_ids"].shape[1]
+        shape = (len(order), width)
         if parallel_state.is_pipeline_last_stage():
-            logprobs = torch.cat([o["logprobs"] for o in outputs])
-            entropy = torch.cat([o["entropy"] for o in outputs])
+            logprobs = unsort_rows([o["logprobs"] for o in outputs], order, width)
+            entropy = unsort_rows([o["entropy"] for o in outputs], order, width)
         else:
             logprobs, entropy = torch.empty(shape), torch.empty(shape)
         pp_group = parallel_state.get_pipeline_model_parallel_group()
@@ -202,29 +231,18 @@ class MegatronActor:
             numerator, count, sums = dapo_loss_terms(logprobs, micro_batch, alg, norm_length)
         return numerator, count.int(), sums
 
-    def train_step(self, batch: Batch) -> dict[str, float]:
-        """One optimiser step over ``batch`` (a mini-batch: all ranks pass the same full tensors)."""
+    def forward_backward(self, batch: Batch) -> dict[str, float]:
+        """Gradients of the step's DAPO loss over ``batch`` into ``param.main_grad`` (no optimiser step).
+
+        Every rank passes the same full batch. Megatron sums per-micro-batch numerators over micro-batches
+        and DP ranks and ``finalize_model_grads`` divides by the step's token count: the gradient is the
+        full batch's whatever the layout or micro-batch split. Returns the step's loss metric sums.
+        """
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        local = _data_parallel_slice(batch)
-        micro = split_batch(local, self.config.parallel.micro_batch_size)
-
-        def forward_step(data_iterator: Iterator[Batch], model_chunk: torch.nn.Module):
-            micro_batch = next(data_iterator)
-            return self._forward(model_chunk, micro_batch), partial(self._policy_loss_func, model_chunk, micro_batch)
-
-        outputs = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(micro),
-            model=[self.model],
-            num_microbatches=len(micro),
-            seq_length=local["input_ids"].shape[1],
-            micro_batch_size=self.config.parallel.micro_batch_size,
-            forward_only=False,
-        )
-        _, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
+        micro, _ = self._micro_batches(batch)
+        outputs = self._run_schedule(self.model, micro, self._policy_loss_func, False)
         sums = torch.zeros(len(METRIC_SUM_KEYS), dtype=torch.float64)
         if parallel_state.is_pipeline_last_stage():
             for output in outputs:
@@ -236,7 +254,13 @@ class MegatronActor:
             src=parallel_state.get_pipeline_model_parallel_last_rank(),
             group=parallel_state.get_pipeline_model_parallel_group(),
         )
-        total = dict(zip(METRIC_SUM_KEYS, sums.tolist()))
+        return dict(zip(METRIC_SUM_KEYS, sums.tolist()))
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """One optimiser step over ``batch`` (a mini-batch: all ranks pass the same full tensors)."""
+        total = self.forward_backward(batch)
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
         tokens = max(total["tokens"], 1.0)
         return {
             "actor/pg_loss": total["loss_numerator"] / max(total["loss_count"], 1e-8),
@@ -250,6 +274,14 @@ class MegatronActor:
         }
 
     # ------------------------------------------------------------------ weights out
-    def hf_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Full HF-named weights on global rank 0 (``None`` elsewhere); collective."""
-        return gather_hf_state(self.model, self.layout)
+    def hf_buckets(
+        self, bucket_bytes: int, to_all_ranks: bool = False, dtype: torch.dtype = torch.float32, gradients: bool = False
+    ) -> Iterator[Bucket]:
+        """Full HF-named weights (or, with ``gradients``, their gradients) in buckets; collective."""
+        tensor_of = (lambda p: p.main_grad) if gradients else (lambda p: p.detach())
+        return stream_hf_buckets(self.model, self.layout, bucket_bytes, to_all_ranks, dtype, tensor_of)
+
+    def hf_state_dict(self, gradients: bool = False) -> dict[str, torch.Tensor] | None:
+        """All HF-named weights (or gradients) on global rank 0, ``None`` elsewhere; collective."""
+        state = {name: t for bucket in self.hf_buckets(DEFAULT_BUCKET_BYTES, gradients=gradients) for name, t in bucket}
+        return state if dist.get_rank() == 0 else None

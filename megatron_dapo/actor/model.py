@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 from transformers import PretrainedConfig
 
@@ -32,13 +35,35 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def layer_spec() -> ModuleSpec:
-    """Transformer Engine's layer spec on GPU, megatron-core's local spec otherwise."""
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """torch RMSNorm for the local spec whose weight is tagged for sequence parallelism.
+
+    megatron-core's ``WrappedTorchNorm`` refuses sequence parallelism; the tag is all it needs:
+    ``finalize_model_grads`` all-reduces tagged norm gradients over the TP group.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: object) -> None:
+        super().__init__(hidden_size, eps=eps)
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+
+def layer_spec(config: TransformerConfig) -> ModuleSpec | TransformerBlockSubmodules:
+    """Transformer Engine's layer spec on GPU, megatron-core's local spec otherwise.
+
+    Under sequence parallelism the local spec's norms (per layer and final) are ``SequenceParallelRMSNorm``.
+    """
     from megatron.core.models.gpt import gpt_layer_specs
 
     if transformer_engine_available():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if not config.sequence_parallel:
+        return spec
+    norm = ModuleSpec(module=SequenceParallelRMSNorm)
+    layer = dataclasses.replace(
+        spec, submodules=dataclasses.replace(spec.submodules, input_layernorm=norm, pre_mlp_layernorm=norm)
+    )
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=norm)
 
 
 def validate_hf_config(hf_config: PretrainedConfig, tp_size: int, pp_size: int) -> None:
@@ -58,6 +83,7 @@ def validate_hf_config(hf_config: PretrainedConfig, tp_size: int, pp_size: int) 
             f"parallel.pipeline_model_parallel_size={pp_size} must divide "
             f"num_hidden_layers={hf_config.num_hidden_layers} of the model config"
         )
+    rope_theta(hf_config)  # present and plausible
     rope_type = (getattr(hf_config, "rope_parameters", None) or {}).get("rope_type", "default")
     if rope_type != "default":
         raise ConfigError(f"model config field 'rope_parameters.rope_type' is {rope_type!r}; only 'default' RoPE is supported")
@@ -69,14 +95,26 @@ def rope_theta(hf_config: PretrainedConfig) -> float:
     theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
     if theta is None:
         raise ConfigError("model config has no 'rope_theta'; Qwen2.5 uses 1000000.0")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 1:
+        raise ConfigError(f"model config field 'rope_theta' is {theta!r}; it must be a number > 1 (Qwen2.5: 1000000.0)")
     return float(theta)
 
 
 def transformer_config_from_hf(
-    hf_config: PretrainedConfig, tp_size: int, pp_size: int, params_dtype: torch.dtype = torch.float32
+    hf_config: PretrainedConfig,
+    tp_size: int,
+    pp_size: int,
+    params_dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
 ) -> TransformerConfig:
-    """megatron-core ``TransformerConfig`` equivalent to a Qwen2/Llama HF config, with per-token loss on."""
+    """megatron-core ``TransformerConfig`` equivalent to a Qwen2/Llama HF config, with per-token loss on.
+
+    Micro-batches may differ in length (padding-aware micro-batching): with PP their shapes are exchanged.
+    """
     validate_hf_config(hf_config, tp_size, pp_size)
+    eps = hf_config.rms_norm_eps
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1e-2:
+        raise ConfigError(f"model config field 'rms_norm_eps' is {eps!r}; expected a small positive number (Qwen2.5-32B: 1e-05)")
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
@@ -106,6 +144,9 @@ def transformer_config_from_hf(
         tensor_model_parallel_size=tp_size,
         pipeline_model_parallel_size=pp_size,
         calculate_per_token_loss=True,
+        sequence_parallel=sequence_parallel and tp_size > 1,
+        variable_seq_lengths=pp_size > 1,
+        moe_token_dispatcher_type="alltoall",  # megatron refuses its default ("allgather") with variable lengths
     )
 
 
@@ -116,7 +157,7 @@ def build_gpt_model(
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(),
+        transformer_layer_spec=layer_spec(config),
         vocab_size=padded_vocab_size(hf_config.vocab_size, make_vocab_size_divisible_by, tp_size),
         max_sequence_length=hf_config.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),

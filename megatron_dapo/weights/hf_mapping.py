@@ -11,6 +11,9 @@ A Megatron parameter (by its name inside one pipeline stage) maps to one or more
   by rows: a TP shard owns whole KV groups (pitfall 7).
 - ``gate_up``: each TP shard is ``[gate_r; up_r]`` (pitfall 8).
 
+``hf_to_megatron`` reads through a ``TensorReader`` and asks only for the rows/columns its TP shard needs,
+so a rank importing a 32B checkpoint reads its slices, not whole tensors.
+
 Both layer specs are covered: the local spec's ``input_layernorm``/``pre_mlp_layernorm`` and Transformer
 Engine's fused ``linear_qkv.layer_norm_weight``/``linear_fc1.layer_norm_weight``.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -102,9 +106,50 @@ def param_mapping(megatron_name: str, global_layer_index: int | None, layout: Mo
     return ParamMapping(megatron_name, kind, hf_names)
 
 
+class CheckpointMismatchError(ValueError):
+    """Weights do not fit the model being built (missing tensors, other shapes, another model's config)."""
+
+
+class TensorReader(Protocol):
+    """Read access to HF tensors by name, a slice at a time (safetensors files, or tensors in memory)."""
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def read(self, name: str, dim: int = 0, start: int = 0, stop: int | None = None) -> torch.Tensor: ...
+
+
+class DictReader:
+    """``TensorReader`` over HF-named tensors in memory."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.tensors:
+            raise CheckpointMismatchError(f"no tensor {name!r} among the Hugging Face weights")
+        return tuple(self.tensors[name].shape)
+
+    def read(self, name: str, dim: int = 0, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        stop = check_slice(name, self.shape(name), dim, start, stop)
+        return self.tensors[name].narrow(dim, start, stop - start)
+
+
+def check_slice(name: str, shape: tuple[int, ...], dim: int, start: int, stop: int | None) -> int:
+    """The slice end (``stop`` or the full length), refusing slices beyond the tensor."""
+    size = shape[dim] if shape else 1
+    stop = size if stop is None else stop
+    if stop > size:
+        raise CheckpointMismatchError(
+            f"tensor {name!r} has {size} entries along dim {dim}, the model config needs {stop}: "
+            "checkpoint and model config belong to different models"
+        )
+    return stop
+
+
 def _interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: ModelLayout) -> torch.Tensor:
-    groups, d = layout.num_key_value_heads, layout.head_dim
-    per_group = layout.num_attention_heads // groups
+    d = layout.head_dim
+    per_group = layout.num_attention_heads // layout.num_key_value_heads
+    groups = k.shape[0] // d  # the KV groups present (all of them, or one TP shard's)
     trailing = q.shape[1:]
     qkv = torch.cat(
         [q.reshape(groups, per_group, d, *trailing), k.reshape(groups, 1, d, *trailing), v.reshape(groups, 1, d, *trailing)],
@@ -121,35 +166,55 @@ def _split_qkv(qkv: torch.Tensor, layout: ModelLayout) -> list[torch.Tensor]:
     return [t.reshape(-1, *trailing) for t in (q, k, v)]
 
 
+def _tp_part(reader: TensorReader, name: str, dim: int, tp_rank: int, part_size: int) -> torch.Tensor:
+    start = tp_rank * part_size
+    return reader.read(name, dim, start, start + part_size)
+
+
 def hf_to_megatron(
     mapping: ParamMapping,
-    hf_tensors: list[torch.Tensor],
+    reader: TensorReader,
     layout: ModelLayout,
     tp_rank: int,
     tp_size: int,
     padded_rows: int | None = None,
 ) -> torch.Tensor:
-    """TP shard ``tp_rank`` of ``mapping.megatron_name`` built from its HF tensors (in ``hf_names`` order).
+    """TP shard ``tp_rank`` of ``mapping.megatron_name``, reading only the slices of HF tensors it needs.
 
     ``padded_rows`` is Megatron's full padded vocabulary size, needed for ``vocab`` parameters.
     """
-    kind = mapping.kind
+    kind, names = mapping.kind, mapping.hf_names
     if kind == "replicated":
-        return hf_tensors[0]
+        return reader.read(names[0])
     if kind == "vocab":
-        full = hf_tensors[0]
-        if padded_rows is None or padded_rows < full.shape[0]:
-            raise ValueError(f"{mapping.megatron_name}: padded vocabulary {padded_rows} < HF rows {full.shape[0]}")
-        padded = full.new_zeros((padded_rows, *full.shape[1:]))
-        padded[: full.shape[0]] = full
-        return padded.chunk(tp_size, dim=0)[tp_rank]
+        rows = reader.shape(names[0])[0]
+        if rows != layout.vocab_size:
+            raise CheckpointMismatchError(
+                f"model config field 'vocab_size' is {layout.vocab_size} but {names[0]} has {rows} rows: "
+                "the config and the weights belong to different models"
+            )
+        if padded_rows is None or padded_rows < rows or padded_rows % tp_size:
+            raise ValueError(f"{mapping.megatron_name}: padded vocabulary {padded_rows} does not fit {rows} rows / TP {tp_size}")
+        per_rank = padded_rows // tp_size
+        start, stop = tp_rank * per_rank, min((tp_rank + 1) * per_rank, rows)
+        real = reader.read(names[0], 0, start, stop) if start < stop else None
+        width = reader.shape(names[0])[1:]
+        shard = torch.zeros((per_rank, *width), dtype=real.dtype if real is not None else torch.float32)
+        if real is not None:
+            shard[: real.shape[0]] = real
+        return shard
     if kind == "row":
-        return hf_tensors[0].chunk(tp_size, dim=1)[tp_rank]
+        return _tp_part(reader, names[0], 1, tp_rank, reader.shape(names[0])[1] // tp_size)
     if kind == "gate_up":
-        gate, up = hf_tensors
-        return torch.cat([gate.chunk(tp_size, dim=0)[tp_rank], up.chunk(tp_size, dim=0)[tp_rank]], dim=0)
+        rows = reader.shape(names[0])[0] // tp_size
+        return torch.cat([_tp_part(reader, name, 0, tp_rank, rows) for name in names], dim=0)
     if kind == "qkv":
-        return _interleave_qkv(*hf_tensors, layout).chunk(tp_size, dim=0)[tp_rank]
+        groups_per_rank = layout.num_key_value_heads // tp_size
+        q_rows = groups_per_rank * (layout.num_attention_heads // layout.num_key_value_heads) * layout.head_dim
+        kv_rows = groups_per_rank * layout.head_dim
+        q = _tp_part(reader, names[0], 0, tp_rank, q_rows)
+        k, v = (_tp_part(reader, name, 0, tp_rank, kv_rows) for name in names[1:])
+        return _interleave_qkv(q, k, v, layout)
     raise ValueError(f"unknown layout kind {kind!r}")
 
 

@@ -1,26 +1,37 @@
-"""Move weights between a (TP/PP-sharded) Megatron model and Hugging Face names and layouts.
+"""Move weights between a TP/PP-sharded Megatron model and Hugging Face names and layouts.
 
-``load_hf_checkpoint`` fills this rank's shards from an HF safetensors folder, reading only the tensors its
-pipeline stage needs. ``gather_hf_state`` merges all shards into full HF tensors on global rank 0 (the
-in-job weight sync and the HF export use it).
+``load_hf_checkpoint`` fills this rank's shards from an HF safetensors folder, reading only the slices its
+TP rank and pipeline stage need. ``stream_hf_buckets`` is the in-job resharder: it gathers TP shards and
+pipeline stages into full HF tensors in buckets of ``bucket_bytes`` (one flat buffer per dtype per bucket,
+one transfer each), so no rank ever holds more than one bucket of the full model. The rollout-engine sync,
+the HF export and the gradient-parity tests all go through it.
 """
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from safetensors import safe_open
 
-from megatron_dapo.weights.hf_mapping import ModelLayout, ParamMapping, megatron_to_hf, hf_to_megatron, param_mapping
+from megatron_dapo.weights.hf_mapping import (
+    CheckpointMismatchError,
+    ModelLayout,
+    ParamMapping,
+    TensorReader,
+    hf_to_megatron,
+    megatron_to_hf,
+    param_mapping,
+)
+from megatron_dapo.weights.safetensors_io import SafetensorsReader, TensorSpec
 
+__all__ = ["CheckpointMismatchError", "load_hf_checkpoint", "stream_hf_buckets", "unwrap", "local_param_mappings"]
 
-class CheckpointMismatchError(ValueError):
-    """An HF checkpoint does not fit the model being built (missing tensors, other shapes)."""
+DEFAULT_BUCKET_BYTES = 512 * 1024**2
+Bucket = list[tuple[str, torch.Tensor]]
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -41,74 +52,155 @@ def local_param_mappings(model: torch.nn.Module, layout: ModelLayout) -> Iterato
         yield param, param_mapping(name, layer_index, layout)
 
 
-def _hf_tensor_files(hf_dir: Path) -> dict[str, Path]:
-    """HF tensor name -> safetensors file holding it (sharded with an index, or a single file)."""
-    index = hf_dir / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: hf_dir / file for name, file in weight_map.items()}
-    single = hf_dir / "model.safetensors"
-    if not single.exists():
-        raise CheckpointMismatchError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
-    with safe_open(str(single), framework="pt") as f:
-        return {name: single for name in f.keys()}
-
-
-def load_hf_checkpoint(model: torch.nn.Module, hf_dir: str | Path, layout: ModelLayout) -> None:
-    """Copy HF safetensors weights into this rank's Megatron shards, refusing shape mismatches."""
-    hf_dir = Path(hf_dir)
-    files = _hf_tensor_files(hf_dir)
+def load_weights(model: torch.nn.Module, reader: TensorReader, layout: ModelLayout, source: str) -> None:
+    """Copy HF weights from ``reader`` into this rank's Megatron shards, refusing shape mismatches."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    handles: dict[Path, object] = {}
     for param, mapping in local_param_mappings(model, layout):
-        tensors = []
-        for hf_name in mapping.hf_names:
-            if hf_name not in files:
-                raise CheckpointMismatchError(f"{hf_dir}: checkpoint has no tensor {hf_name!r} (needed for {mapping.megatron_name})")
-            path = files[hf_name]
-            handle = handles.setdefault(path, safe_open(str(path), framework="pt"))
-            tensors.append(handle.get_tensor(hf_name).to(torch.float32))
-        shard = hf_to_megatron(mapping, tensors, layout, tp_rank, tp_size, padded_rows=param.shape[0] * tp_size)
+        shard = hf_to_megatron(mapping, reader, layout, tp_rank, tp_size, padded_rows=param.shape[0] * tp_size)
         if shard.shape != param.shape:
             raise CheckpointMismatchError(
-                f"{hf_dir}: {mapping.hf_names} give {mapping.megatron_name} shape {tuple(shard.shape)}, the model "
+                f"{source}: {mapping.hf_names} give {mapping.megatron_name} shape {tuple(shard.shape)}, the model "
                 f"expects {tuple(param.shape)}: checkpoint and model config belong to different models"
             )
         with torch.no_grad():
             param.copy_(shard)
 
 
-def _gather_tp(param: torch.Tensor) -> list[torch.Tensor]:
-    """All TP shards of a parameter, in TP-rank order (replicated tensors are returned once)."""
+def load_hf_checkpoint(model: torch.nn.Module, hf_dir: str | Path, layout: ModelLayout) -> None:
+    """Fill this rank's shards from an HF safetensors folder (only the slices this rank needs are read)."""
+    load_weights(model, SafetensorsReader(hf_dir), layout, str(hf_dir))
+
+
+# ---------------------------------------------------------------------------------- streaming resharder
+def _weights(param: torch.nn.Parameter) -> torch.Tensor:
+    return param.detach()
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One Megatron parameter of a stage and the HF tensors it becomes."""
+
+    stage: int
+    index: int  # position among the stage's exported parameters
+    specs: tuple[TensorSpec, ...]
+
+
+def _exported(model: torch.nn.Module, layout: ModelLayout) -> list[tuple[torch.nn.Parameter, ParamMapping]]:
+    """The stage's parameters that appear in the HF checkpoint (a tied output layer is the embedding)."""
+    return [
+        (param, mapping)
+        for param, mapping in local_param_mappings(model, layout)
+        if not (mapping.megatron_name == "output_layer.weight" and layout.tie_word_embeddings)
+    ]
+
+
+def _hf_specs(param: torch.Tensor, mapping: ParamMapping, layout: ModelLayout, dtype: torch.dtype) -> tuple[TensorSpec, ...]:
+    tp_size = parallel_state.get_tensor_model_parallel_world_size() if getattr(param, "tensor_model_parallel", False) else 1
+    meta = [torch.empty(param.shape, device="meta")] * tp_size
+    return tuple(TensorSpec(n, tuple(t.shape), dtype) for n, t in zip(mapping.hf_names, megatron_to_hf(mapping, meta, layout)))
+
+
+def hf_plan(model: torch.nn.Module, layout: ModelLayout, dtype: torch.dtype) -> list[_Entry]:
+    """Every exported parameter of every stage, in stage order (collective over the pipeline group)."""
+    local = [_hf_specs(p, m, layout, dtype) for p, m in _exported(model, layout)]
+    stages = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+    dist.all_gather_object(stages, local, group=parallel_state.get_pipeline_model_parallel_group())
+    return [_Entry(stage, index, specs) for stage, stage_specs in enumerate(stages) for index, specs in enumerate(stage_specs)]
+
+
+def _buckets(plan: list[_Entry], bucket_bytes: int) -> list[list[_Entry]]:
+    """Consecutive entries of one stage, up to ``bucket_bytes`` each (a larger entry gets its own)."""
+    buckets: list[list[_Entry]] = []
+    size = 0
+    for entry in plan:
+        entry_bytes = sum(s.nbytes for s in entry.specs)
+        if not buckets or buckets[-1][0].stage != entry.stage or (size + entry_bytes > bucket_bytes):
+            buckets.append([])
+            size = 0
+        buckets[-1].append(entry)
+        size += entry_bytes
+    return buckets
+
+
+def _gather_tp(tensor: torch.Tensor, is_tp_sharded: bool) -> list[torch.Tensor]:
+    """All TP shards of a tensor, in TP-rank order (replicated tensors are returned once)."""
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    if tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
-        return [param.detach()]
-    shards = [torch.empty_like(param) for _ in range(tp_size)]
-    dist.all_gather(shards, param.detach().contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    if tp_size == 1 or not is_tp_sharded:
+        return [tensor]
+    shards = [torch.empty_like(tensor) for _ in range(tp_size)]
+    dist.all_gather(shards, tensor.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
     return shards
 
 
-def gather_hf_state(model: torch.nn.Module, layout: ModelLayout) -> dict[str, torch.Tensor] | None:
-    """Full HF state dict of the model on global rank 0 (``None`` elsewhere). Collective over all ranks.
+def _flat_buffers(specs: list[TensorSpec], device: torch.device) -> dict[torch.dtype, torch.Tensor]:
+    sizes: dict[torch.dtype, int] = {}
+    for spec in specs:
+        sizes[spec.dtype] = sizes.get(spec.dtype, 0) + spec.nbytes // torch.empty((), dtype=spec.dtype).element_size()
+    return {dtype: torch.empty(size, dtype=dtype, device=device) for dtype, size in sizes.items()}
 
-    Simple version: TP all-gather per tensor, then each pipeline stage's dict is gathered whole to rank 0.
-    With tied embeddings the last stage's output-layer copy is skipped.
+
+def _unflatten(specs: list[TensorSpec], buffers: dict[torch.dtype, torch.Tensor]) -> Bucket:
+    offsets = dict.fromkeys(buffers, 0)
+    bucket = []
+    for spec in specs:
+        numel = spec.nbytes // torch.empty((), dtype=spec.dtype).element_size()
+        start = offsets[spec.dtype]
+        bucket.append((spec.name, buffers[spec.dtype][start : start + numel].view(spec.shape)))
+        offsets[spec.dtype] = start + numel
+    return bucket
+
+
+def stream_hf_buckets(
+    model: torch.nn.Module,
+    layout: ModelLayout,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    to_all_ranks: bool = False,
+    dtype: torch.dtype = torch.float32,
+    tensor_of: Callable[[torch.nn.Parameter], torch.Tensor] = _weights,
+) -> Iterator[Bucket]:
+    """Full HF-named tensors, a bucket of about ``bucket_bytes`` at a time. Collective: every rank iterates.
+
+    Buckets arrive on global rank 0 only, or on every rank with ``to_all_ranks`` (colocated engines that
+    each need every tensor); other ranks' iterators yield nothing. ``tensor_of`` picks what is gathered
+    (``lambda p: p.main_grad`` gathers gradients). Each yielded bucket owns fresh buffers.
     """
-    stage_state: dict[str, torch.Tensor] = {}
-    for param, mapping in local_param_mappings(model, layout):
-        shards = _gather_tp(param)
-        if mapping.megatron_name == "output_layer.weight" and layout.tie_word_embeddings:
+    plan = hf_plan(model, layout, dtype)
+    exported = _exported(model, layout)
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    pp_ranks = dist.get_process_group_ranks(pp_group)
+    on_rank_zero_line = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
+    takes_part = to_all_ranks or parallel_state.get_data_parallel_rank() == 0
+    device = next(unwrap(model).parameters()).device
+    for bucket in _buckets(plan, bucket_bytes):
+        if not takes_part:
             continue
-        for hf_name, tensor in zip(mapping.hf_names, megatron_to_hf(mapping, shards, layout)):
-            stage_state[hf_name] = tensor.clone()
-    is_stage_writer = (
-        parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
-    )
-    if dist.get_world_size() == 1:
-        return stage_state
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(stage_state if is_stage_writer else None, gathered, dst=0)
-    if dist.get_rank() != 0:
-        return None
-    return {name: tensor for part in gathered if part for name, tensor in part.items()}
+        stage = bucket[0].stage
+        specs = [spec for entry in bucket for spec in entry.specs]
+        buffers = _flat_buffers(specs, device)
+        if stage == pp_rank:
+            named = []
+            for entry in bucket:
+                param, mapping = exported[entry.index]
+                shards = _gather_tp(tensor_of(param), getattr(param, "tensor_model_parallel", False))
+                named += megatron_to_hf(mapping, shards, layout)
+            for (_, view), tensor in zip(_unflatten(specs, buffers), named):
+                view.copy_(tensor)
+        if len(pp_ranks) > 1:
+            if to_all_ranks:
+                for flat in buffers.values():
+                    dist.broadcast(flat, src=pp_ranks[stage], group=pp_group)
+            elif on_rank_zero_line and stage != 0:
+                for flat in buffers.values():
+                    if pp_rank == stage:
+                        dist.send(flat, dst=pp_ranks[0])
+                    elif pp_rank == 0:
+                        dist.recv(flat, src=pp_ranks[stage])
+        if to_all_ranks or dist.get_rank() == 0:
+            yield _unflatten(specs, buffers)
+
+
+def hf_specs(model: torch.nn.Module, layout: ModelLayout, dtype: torch.dtype = torch.float32) -> list[TensorSpec]:
+    """Names, shapes and dtypes of the full HF tensors, in ``stream_hf_buckets`` order (collective)."""
+    return [spec for entry in hf_plan(model, layout, dtype) for spec in entry.specs]

@@ -55,8 +55,9 @@ def test_logprobs_match_transformers(megatron_world, tmp_path, tied, temperature
         expected = _hf_logprobs(reference, batch, temperature)
         probs = torch.softmax(reference(input_ids=batch["input_ids"]).logits / temperature, -1)
         expected_entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
-    assert torch.allclose(logprobs, expected, atol=1e-5)
-    assert torch.allclose(entropy, expected_entropy, atol=1e-4)
+    mask = batch["loss_mask"].bool()
+    assert torch.allclose(logprobs[mask], expected[mask], atol=1e-5)
+    assert torch.allclose(entropy[mask], expected_entropy[mask], atol=1e-4)
 
 
 def _megatron_grads_by_hf_name(actor):
@@ -148,3 +149,13 @@ def test_checkpoint_of_another_model_is_refused(megatron_world, tmp_path):
     shutil.copy(tmp_path / "small" / "model.safetensors", tmp_path / "mixed" / "model.safetensors")
     with pytest.raises(CheckpointMismatchError, match="different models"):
         MegatronActor(_config(), str(tmp_path / "mixed"), total_steps=1)
+
+
+def test_config_with_another_vocab_size_is_refused_naming_the_field(megatron_world, tmp_path):
+    from megatron_dapo.weights.transfer import CheckpointMismatchError
+
+    model = make_tiny_qwen2(tmp_path, tied=False)
+    model.config.vocab_size = 64  # the weights have 50 rows
+    model.config.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointMismatchError, match="'vocab_size' is 64 but model.embed_tokens.weight has 50 rows"):
+        MegatronActor(_config(), str(tmp_path), total_steps=1)

@@ -35,8 +35,9 @@ def single_process_step(tmp_path_factory):
         ["parallel.pipeline_model_parallel_size=2"],
         ["parallel.tensor_model_parallel_size=2", "model.loss_impl=fused_linear"],
         ["parallel.tensor_model_parallel_size=2", "model.loss_impl=naive"],
+        ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true", "parallel.use_distributed_optimizer=true"],
     ],
-    ids=["tp2", "pp2", "tp2-fused_linear", "tp2-naive"],
+    ids=["tp2", "pp2", "tp2-fused_linear", "tp2-naive", "tp2-sp-distopt"],
 )
 def test_two_process_layout_matches_single_process(single_process_step, tmp_path, layout):
     parallel = _first_step(TORCHRUN, tmp_path, *layout)

@@ -40,6 +40,8 @@ def test_padded_vocab_matches_megatron_rule():
         ({"num_attention_heads": 6, "num_key_value_heads": 6}, 4, 1, "num_attention_heads"),
         ({}, 1, 3, "num_hidden_layers"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}}, 1, 1, "rope_type"),
+        ({"rope_theta": 0.0}, 1, 1, "rope_theta"),  # pitfall 11: a base that is no RoPE base
+        ({"rms_norm_eps": 0.5}, 1, 1, "rms_norm_eps"),
     ],
 )
 def test_unsupported_layouts_name_the_field(kwargs, tp, pp, field):

@@ -1,0 +1,61 @@
+"""torchrun worker: the actor's log-probs, DAPO gradients and one optimiser step under one parallel layout.
+
+Run by tests/functional/test_parallel_layouts.py. Reads ``<work>/batch.pt`` and the HF folders
+``<work>/untied`` and ``<work>/tied``; rank 0 writes ``<work>/<name>.pt`` with HF-named results.
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_dapo.actor.actor import MegatronActor
+from megatron_dapo.config import load_config
+from megatron_dapo.distributed import destroy_distributed, initialize_distributed
+
+MODES = ("token-mean", "seq-mean-token-mean")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--micro", type=int, required=True)
+    parser.add_argument("--loss-impl", default="fused")
+    parser.add_argument("--sp", action="store_true")
+    parser.add_argument("--distopt", action="store_true")
+    args = parser.parse_args()
+    initialize_distributed(args.tp, args.pp, seed=1)
+    batch = torch.load(args.work / "batch.pt")
+    overrides = {
+        "parallel.tensor_model_parallel_size": args.tp, "parallel.pipeline_model_parallel_size": args.pp,
+        "parallel.micro_batch_size": args.micro, "parallel.sequence_parallel": args.sp,
+        "parallel.use_distributed_optimizer": args.distopt, "model.loss_impl": args.loss_impl,
+        "optimizer.lr": 1e-3, "optimizer.lr_warmup_steps": 0, "optimizer.weight_decay": 0.0,
+        "optimizer.clip_grad": 1e9, "rollout.temperature": 1.0,
+    }
+    config = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    results: dict[str, object] = {}
+    for model_name in ("untied", "tied"):
+        actor = MegatronActor(config, str(args.work / model_name), total_steps=1)
+        results[f"{model_name}/logprobs"] = actor.compute_logprobs(batch, 1.0)[0]
+        if args.distopt:  # the distributed optimizer keeps only a reduced shard of each gradient
+            actor.config.algorithm.loss_agg_mode = "token-mean"
+            actor.train_step(batch)
+            results[f"{model_name}/params_after_step"] = actor.hf_state_dict()
+            continue
+        for mode in MODES:
+            actor.config.algorithm.loss_agg_mode = mode
+            sums = actor.forward_backward(batch)
+            results[f"{model_name}/{mode}/loss"] = sums["loss_numerator"] / sums["loss_count"]
+            results[f"{model_name}/{mode}/grads"] = actor.hf_state_dict(gradients=True)
+    if dist.get_rank() == 0:
+        torch.save(results, args.work / f"{args.name}.pt")
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()

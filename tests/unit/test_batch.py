@@ -1,0 +1,36 @@
+"""Padding-aware micro-batching: samples sorted by length, each micro-batch cut to its longest sample."""
+
+import torch
+
+from megatron_dapo.batch import padding_aware_micro_batches, unsort_rows
+
+
+def _batch(lengths, width=10):
+    mask = torch.zeros(len(lengths), width)
+    for row, length in enumerate(lengths):
+        mask[row, length - 3 : length] = 1  # response ends at position `length`
+    ids = torch.arange(len(lengths) * width).reshape(len(lengths), width)
+    return {"input_ids": ids, "loss_mask": mask}
+
+
+def test_micro_batches_are_sorted_and_cut_to_their_longest_sample():
+    batch = _batch([4, 10, 6, 3, 9, 5])
+    micro, order = padding_aware_micro_batches(batch, micro_batch_size=2)
+    assert order.tolist() == [1, 4, 2, 5, 0, 3]
+    assert [m["input_ids"].shape[1] for m in micro] == [10, 6, 4]
+    assert torch.equal(micro[1]["input_ids"], batch["input_ids"][[2, 5], :6])
+    assert sum(m["loss_mask"].sum() for m in micro) == batch["loss_mask"].sum()  # no trained token is cut
+
+
+def test_width_multiple_pads_past_the_batch_width():
+    batch = _batch([9, 7, 3, 4], width=9)
+    micro, _ = padding_aware_micro_batches(batch, micro_batch_size=2, width_multiple=4)
+    assert [m["input_ids"].shape[1] for m in micro] == [12, 4]
+    assert micro[0]["loss_mask"][:, 9:].sum() == 0
+
+
+def test_unsort_rows_inverts_the_order():
+    batch = _batch([4, 10, 6, 3, 9, 5])
+    micro, order = padding_aware_micro_batches(batch, micro_batch_size=4)
+    restored = unsort_rows([m["input_ids"] * m["loss_mask"] for m in micro], order, 10)
+    assert torch.equal(restored, batch["input_ids"] * batch["loss_mask"])
