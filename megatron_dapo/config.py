@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     hf_path: str | None = None  # HF folder (config.json + safetensors + tokenizer); None builds the toy model
+    megatron_checkpoint: str | None = None  # start from these weights (torch_dist, any TP/PP) instead of hf_path's
     make_vocab_size_divisible_by: int = 128
     loss_impl: str = "fused"  # naive (gathers full-vocab logits) | fused (vocab-parallel) | fused_linear (chunked)
     loss_chunk_size: int = 512  # tokens per chunk of the fused_linear loss
@@ -112,7 +113,11 @@ class TrainerConfig:
     output_dir: str = "outputs/run"
     max_steps: int = 100
     seed: int = 1
-    export_hf: bool = True  # write the final policy as an HF folder
+    export_hf: bool = True  # write the final policy as an HF folder (output_dir/hf_final)
+    export_hf_interval: int = 0  # also export output_dir/hf/iter_<step> every this many steps (0: never)
+    save_interval: int = 0  # Megatron checkpoint every this many steps and at the end (0: never)
+    save_dir: str | None = None  # default: output_dir/checkpoints
+    resume: bool = True  # continue from save_dir's latest checkpoint when there is one
 
 
 @dataclass

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 from megatron_dapo.actor.actor import MegatronActor
 from megatron_dapo.algorithm import masked_mean, truncated_is_weights
 from megatron_dapo.batch import build_training_batch, split_batch
+from megatron_dapo.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_dapo.config import ConfigError, DapoConfig
 from megatron_dapo.data import PromptSampler, load_prompt_files, write_toy_dataset
 from megatron_dapo.distributed import destroy_distributed, initialize_distributed, is_rank_zero
@@ -87,10 +88,13 @@ def build_rollout_engine(config: DapoConfig, hf_dir: str, tokenizer) -> RolloutE
 
 def sync_weights(actor: MegatronActor, engine: RolloutEngine | None, bucket_mb: int) -> None:
     """Stream the actor's weights, resharded into HF names/layouts, bucket by bucket into the engine (collective)."""
-    if engine is not None:
-        engine.resume_memory()
-    for bucket in actor.hf_buckets(bucket_mb * 1024**2):
-        engine.update_weights(bucket)
+    buckets = actor.hf_buckets(bucket_mb * 1024**2)
+    if engine is None:
+        for _ in buckets:  # take part in the collectives
+            pass
+        return
+    engine.resume_memory()
+    engine.update_weights(buckets)
 
 
 def export_hf(actor: MegatronActor, out_dir: Path, tokenizer, bucket_mb: int) -> None:
@@ -105,13 +109,58 @@ def export_hf(actor: MegatronActor, out_dir: Path, tokenizer, bucket_mb: int) ->
 
 
 def _evaluate(config: DapoConfig, engine: RolloutEngine | None, records, tokenizer) -> float | None:
-    """avg@k on the validation problems, computed on rank 0 and known to every rank."""
+    """avg@k on the validation problems, computed on rank 0 and known to every rank.
+
+    The engine's sampling state is put back afterwards: evaluating never changes the training rollouts
+    (a resumed run evaluates at its start and still samples what the uninterrupted run sampled).
+    """
     if not records:
         return None
     ro = config.rollout
-    return run_on_rank_zero(
-        lambda: evaluate_avg_at_k(engine, records, tokenizer, ro.val_n, ro.val_temperature, ro.val_top_p, ro.max_response_length)
-    )
+
+    def evaluate() -> float:
+        state = engine.state_dict()
+        accuracy = evaluate_avg_at_k(engine, records, tokenizer, ro.val_n, ro.val_temperature, ro.val_top_p, ro.max_response_length)
+        engine.load_state_dict(state)
+        return accuracy
+
+    return run_on_rank_zero(evaluate)
+
+
+def _restore(config: DapoConfig, actor: MegatronActor, engine, sampler: PromptSampler, save_dir: Path) -> int:
+    """Resume from ``save_dir``'s latest checkpoint, or load ``model.megatron_checkpoint``; the first step to run.
+
+    Restores model, optimizer, LR scheduler, the data cursor, the step and the engine's sampling state, and
+    syncs the restored weights into the engine (pitfall 6).
+    """
+    latest = latest_checkpoint(save_dir) if config.trainer.resume else None
+    if latest is None and config.model.megatron_checkpoint is None:
+        return 1
+    if latest is not None:
+        state = load_checkpoint(actor, latest)
+        sampler.load_state_dict(state["sampler"])
+        if engine is not None:
+            engine.load_state_dict(state["engine"])
+        first_step = state["step"] + 1
+    else:
+        load_checkpoint(actor, config.model.megatron_checkpoint, load_optimizer=False)
+        first_step = 1
+    sync_weights(actor, engine, config.rollout.weight_sync_bucket_mb)
+    return first_step
+
+
+def _save_at(config: DapoConfig, actor: MegatronActor, engine, sampler, tokenizer, save_dir: Path, step: int) -> None:
+    """Checkpoint and HF export at the configured steps (collective)."""
+    trainer = config.trainer
+    last = step == trainer.max_steps
+    if trainer.save_interval > 0 and (step % trainer.save_interval == 0 or last):
+        state = run_on_rank_zero(  # the sampler and the engine advance on rank 0 only
+            lambda: {"step": step, "sampler": sampler.state_dict(), "engine": engine.state_dict()}
+        )
+        save_checkpoint(actor, save_dir, step, state, tokenizer)
+    if trainer.export_hf_interval > 0 and step % trainer.export_hf_interval == 0:
+        out = Path(trainer.output_dir) / "hf" / f"iter_{step:07d}"
+        export_hf(actor, out, tokenizer, config.rollout.weight_sync_bucket_mb)
 
 
 def _mean_metrics(updates: list[dict[str, float]]) -> dict[str, float]:
@@ -134,8 +183,10 @@ def train(config: DapoConfig) -> tuple[float | None, float | None]:
     engine = build_rollout_engine(config, hf_dir, tokenizer)
     logger = MetricsLogger(config.trainer.output_dir, config.logging.tensorboard) if is_rank_zero() else None
 
+    save_dir = Path(config.trainer.save_dir or Path(config.trainer.output_dir) / "checkpoints")
+    first_step = _restore(config, actor, engine, sampler, save_dir)
     accuracy_before = _evaluate(config, engine, val_records, tokenizer)
-    steps = range(1, config.trainer.max_steps + 1)
+    steps = range(first_step, config.trainer.max_steps + 1)
     progress = tqdm(steps, desc="DAPO", disable=not (is_rank_zero() and config.logging.progress_bar))
     for step in progress:
         metrics: dict[str, float] = {}
@@ -171,6 +222,7 @@ def train(config: DapoConfig) -> tuple[float | None, float | None]:
         if logger is not None:
             logger.log(step, metrics)
             progress.set_postfix(acc=f"{metrics['acc/mean']:.3f}", loss=f"{metrics['actor/pg_loss']:.4f}")
+        _save_at(config, actor, engine, sampler, tokenizer, save_dir, step)
 
     accuracy_after = _evaluate(config, engine, val_records, tokenizer)
     if config.trainer.export_hf:

@@ -8,6 +8,8 @@ from typing import Iterable
 
 import torch
 
+Bucket = list[tuple[str, torch.Tensor]]
+
 
 @dataclass
 class RolloutSample:
@@ -34,8 +36,8 @@ class RolloutEngine(ABC):
         """``n`` samples per prompt, prompt-major (the samples of prompt 0 first)."""
 
     @abstractmethod
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load full tensors by HF name (any subset of the model; e.g. one bucket at a time)."""
+    def update_weights(self, buckets: Iterable[Bucket]) -> None:
+        """Load full tensors by HF name, streamed as buckets; the last bucket ends the update."""
 
     @abstractmethod
     def release_memory(self) -> None:
@@ -44,3 +46,10 @@ class RolloutEngine(ABC):
     @abstractmethod
     def resume_memory(self) -> None:
         """Re-acquire memory after the training phase, before weights are synced."""
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to sample as the uninterrupted run would have."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``."""

@@ -11,7 +11,7 @@ from typing import Iterable
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from megatron_dapo.rollout.base import RolloutEngine, RolloutSample
+from megatron_dapo.rollout.base import Bucket, RolloutEngine, RolloutSample
 
 
 class HFRolloutEngine(RolloutEngine):
@@ -67,14 +67,22 @@ class HFRolloutEngine(RolloutEngine):
         return samples
 
     @torch.no_grad()
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        for name, tensor in named_tensors:
-            param = self._params.get(name)
-            if param is None:
-                raise KeyError(f"rollout engine model has no parameter {name!r}")
-            if param.shape != tensor.shape:
-                raise ValueError(f"weight {name}: engine shape {tuple(param.shape)} != sent {tuple(tensor.shape)}")
-            param.copy_(tensor)
+    def update_weights(self, buckets: Iterable[Bucket]) -> None:
+        """Copy each bucket's tensors into the model's parameters in place."""
+        for bucket in buckets:
+            for name, tensor in bucket:
+                param = self._params.get(name)
+                if param is None:
+                    raise KeyError(f"rollout engine model has no parameter {name!r}")
+                if param.shape != tensor.shape:
+                    raise ValueError(f"weight {name}: engine shape {tuple(param.shape)} != sent {tuple(tensor.shape)}")
+                param.copy_(tensor)
+
+    def state_dict(self) -> dict:
+        return {"num_generate_calls": self.num_generate_calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_generate_calls = state["num_generate_calls"]
 
     def release_memory(self) -> None:
         """Nothing to release on CPU: the model shares host memory with the trainer and holds no KV cache."""

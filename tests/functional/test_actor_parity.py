@@ -109,7 +109,7 @@ def test_weight_sync_makes_engine_match_actor(megatron_world, tmp_path):
     mask = batch["loss_mask"].bool()
     with torch.no_grad():
         stale = _hf_logprobs(engine.model, batch, 1.0)
-        engine.update_weights(actor.hf_state_dict().items())
+        engine.update_weights([list(actor.hf_state_dict().items())])
         synced = _hf_logprobs(engine.model, batch, 1.0)
     assert (stale - actor_logprobs)[mask].abs().max() > 1e-2  # the step changed the policy
     assert (synced - actor_logprobs)[mask].abs().max() < 1e-4

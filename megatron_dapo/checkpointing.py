@@ -1,0 +1,108 @@
+"""Megatron distributed checkpoints (torch_dist) of the actor: save, resume, weights-only load.
+
+Layout of ``<save_dir>``:
+
+- ``iter_0000010/``: megatron-core's torch_dist files (model, optimizer, LR scheduler, trainer state in
+  ``common.pt``) and ``hf_config/`` (the model's HF config and tokenizer, for validation and conversion);
+- ``latest_checkpointed_iteration.txt``: written last, so a job killed while saving leaves the previous
+  checkpoint as the latest.
+
+A checkpoint loads under any TP/PP layout (megatron reshards). Checkpoints carry no ``_extra_state``
+(FP8 recipe state is not used).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from transformers import AutoConfig, PreTrainedTokenizerBase
+
+from megatron_dapo.weights.hf_mapping import CheckpointMismatchError
+from megatron_dapo.weights.model_identity import check_same_model
+from megatron_dapo.weights.transfer import unwrap
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+HF_CONFIG_DIR = "hf_config"
+
+
+def iteration_dir(save_dir: str | Path, step: int) -> Path:
+    return Path(save_dir) / f"iter_{step:07d}"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """An ``iter_*`` folder, or a save folder (its latest checkpoint). Raises if there is none."""
+    path = Path(path)
+    tracker = path / TRACKER_FILE
+    if tracker.exists():
+        return iteration_dir(path, int(tracker.read_text().strip()))
+    if (path / "metadata.json").exists():
+        return path
+    raise FileNotFoundError(f"{path}: not a Megatron checkpoint (no metadata.json) nor a save folder (no {TRACKER_FILE})")
+
+
+def latest_checkpoint(save_dir: str | Path) -> Path | None:
+    tracker = Path(save_dir) / TRACKER_FILE
+    return resolve_checkpoint(save_dir) if tracker.exists() else None
+
+
+def model_sharded_state_dict(model: torch.nn.Module) -> dict:
+    """The model's sharded state dict without ``_extra_state`` entries."""
+    return {k: v for k, v in unwrap(model).sharded_state_dict().items() if not k.endswith("_extra_state")}
+
+
+def save_checkpoint(
+    actor, save_dir: str | Path, step: int, trainer_state: dict, tokenizer: PreTrainedTokenizerBase | None
+) -> Path:
+    """Save model, optimizer, scheduler and ``trainer_state`` at ``step`` (collective)."""
+    path = iteration_dir(save_dir, step)
+    if dist.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)  # left by a job killed while saving: never the latest
+        path.mkdir(parents=True)
+    dist.barrier()
+    model_state = model_sharded_state_dict(actor.model)
+    state = {
+        "model": model_state,
+        "optimizer": actor.optimizer.sharded_state_dict(model_state),
+        "scheduler": actor.scheduler.state_dict(),
+        "trainer": trainer_state,
+    }
+    dist_checkpointing.save(state, str(path))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        actor.hf_config.save_pretrained(path / HF_CONFIG_DIR)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path / HF_CONFIG_DIR)
+        (Path(save_dir) / TRACKER_FILE).write_text(str(step))
+    return path
+
+
+def _check_config(actor, path: Path) -> None:
+    saved_config = path / HF_CONFIG_DIR
+    if saved_config.exists():
+        check_same_model(actor.hf_config, AutoConfig.from_pretrained(saved_config), f"checkpoint {path}")
+
+
+def load_checkpoint(actor, path: str | Path, load_optimizer: bool = True) -> dict | None:
+    """Load the model (and optimizer + scheduler) from a checkpoint under the actor's layout (collective).
+
+    Returns the saved trainer state (``None`` for a weights-only checkpoint such as hf_to_megatron's).
+    """
+    path = resolve_checkpoint(path)
+    _check_config(actor, path)
+    model_state = model_sharded_state_dict(actor.model)
+    request = {"model": model_state}
+    if load_optimizer:
+        request["optimizer"] = actor.optimizer.sharded_state_dict(model_state, is_loading=True)
+    loaded = dist_checkpointing.load(request, str(path))
+    missing, unexpected = unwrap(actor.model).load_state_dict(loaded["model"], strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointMismatchError(f"checkpoint {path}: missing {missing}, unexpected {unexpected}")
+    if load_optimizer:
+        actor.optimizer.load_state_dict(loaded["optimizer"])
+        actor.scheduler.load_state_dict(loaded["scheduler"])
+    return loaded.get("trainer")
