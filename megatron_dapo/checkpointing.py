@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from transformers import AutoConfig, PreTrainedTokenizerBase
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from megatron_dapo.weights.hf_mapping import CheckpointMismatchError
 from megatron_dapo.weights.model_identity import check_same_model
@@ -80,29 +82,33 @@ def save_checkpoint(
     return path
 
 
-def _check_config(actor, path: Path) -> None:
-    saved_config = path / HF_CONFIG_DIR
-    if saved_config.exists():
-        check_same_model(actor.hf_config, AutoConfig.from_pretrained(saved_config), f"checkpoint {path}")
+def load_checkpoint(
+    model: torch.nn.Module,
+    hf_config: PretrainedConfig,
+    path: str | Path,
+    optimizer: MegatronOptimizer | None = None,
+    scheduler: OptimizerParamScheduler | None = None,
+) -> dict | None:
+    """Load model weights (and optimizer + scheduler when given) under the model's layout (collective).
 
-
-def load_checkpoint(actor, path: str | Path, load_optimizer: bool = True) -> dict | None:
-    """Load the model (and optimizer + scheduler) from a checkpoint under the actor's layout (collective).
-
+    Refuses a checkpoint saved for another model (its ``hf_config/`` is compared with ``hf_config``).
     Returns the saved trainer state (``None`` for a weights-only checkpoint such as hf_to_megatron's).
     """
     path = resolve_checkpoint(path)
-    _check_config(actor, path)
-    model_state = model_sharded_state_dict(actor.model)
+    saved_config = path / HF_CONFIG_DIR
+    if saved_config.exists():
+        check_same_model(hf_config, AutoConfig.from_pretrained(saved_config), f"checkpoint {path}")
+    model_state = model_sharded_state_dict(model)
     request = {"model": model_state}
-    if load_optimizer:
-        request["optimizer"] = actor.optimizer.sharded_state_dict(model_state, is_loading=True)
+    if optimizer is not None:
+        request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True)
     loaded = dist_checkpointing.load(request, str(path))
-    missing, unexpected = unwrap(actor.model).load_state_dict(loaded["model"], strict=False)
+    missing, unexpected = unwrap(model).load_state_dict(loaded["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise CheckpointMismatchError(f"checkpoint {path}: missing {missing}, unexpected {unexpected}")
-    if load_optimizer:
-        actor.optimizer.load_state_dict(loaded["optimizer"])
-        actor.scheduler.load_state_dict(loaded["scheduler"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(loaded["scheduler"])
     return loaded.get("trainer")

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 from megatron_dapo.actor.actor import MegatronActor
 from megatron_dapo.algorithm import masked_mean, truncated_is_weights
 from megatron_dapo.batch import build_training_batch, split_batch
-from megatron_dapo.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_dapo.checkpointing import latest_checkpoint, save_checkpoint
 from megatron_dapo.config import ConfigError, DapoConfig
 from megatron_dapo.data import PromptSampler, load_prompt_files, write_toy_dataset
 from megatron_dapo.distributed import destroy_distributed, initialize_distributed, is_rank_zero
@@ -83,6 +83,8 @@ def build_rollout_engine(config: DapoConfig, hf_dir: str, tokenizer) -> RolloutE
         return None
     if config.rollout.engine != "hf":
         raise NotImplementedError(f"rollout.engine={config.rollout.engine!r} is not available in this build; use 'hf'")
+    if config.model.megatron_checkpoint:  # the HF folder may hold only config and tokenizer: weights come by sync
+        return HFRolloutEngine.from_config(hf_dir, tokenizer.pad_token_id, tokenizer.eos_token_id, config.trainer.seed)
     return HFRolloutEngine.from_pretrained(hf_dir, tokenizer.pad_token_id, tokenizer.eos_token_id, config.trainer.seed)
 
 
@@ -128,24 +130,22 @@ def _evaluate(config: DapoConfig, engine: RolloutEngine | None, records, tokeniz
 
 
 def _restore(config: DapoConfig, actor: MegatronActor, engine, sampler: PromptSampler, save_dir: Path) -> int:
-    """Resume from ``save_dir``'s latest checkpoint, or load ``model.megatron_checkpoint``; the first step to run.
+    """Resume from ``save_dir``'s latest checkpoint when there is one; the first step to run.
 
     Restores model, optimizer, LR scheduler, the data cursor, the step and the engine's sampling state, and
-    syncs the restored weights into the engine (pitfall 6).
+    syncs the actor's weights into the engine (also after starting from ``model.megatron_checkpoint``) —
+    pitfall 6.
     """
     latest = latest_checkpoint(save_dir) if config.trainer.resume else None
-    if latest is None and config.model.megatron_checkpoint is None:
-        return 1
+    first_step = 1
     if latest is not None:
-        state = load_checkpoint(actor, latest)
+        state = actor.load_checkpoint(str(latest))
         sampler.load_state_dict(state["sampler"])
         if engine is not None:
             engine.load_state_dict(state["engine"])
         first_step = state["step"] + 1
-    else:
-        load_checkpoint(actor, config.model.megatron_checkpoint, load_optimizer=False)
-        first_step = 1
-    sync_weights(actor, engine, config.rollout.weight_sync_bucket_mb)
+    if latest is not None or config.model.megatron_checkpoint:
+        sync_weights(actor, engine, config.rollout.weight_sync_bucket_mb)
     return first_step
 
 

@@ -28,6 +28,7 @@ from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from transformers import AutoConfig
 
 from megatron_dapo.actor.model import build_gpt_model, transformer_config_from_hf
+from megatron_dapo.checkpointing import load_checkpoint
 from megatron_dapo.batch import padding_aware_micro_batches, split_batch, unsort_rows
 from megatron_dapo.config import DapoConfig
 from megatron_dapo.ops import fused_linear_logprobs_entropy, naive_logprobs_entropy, vocab_parallel_logprobs_entropy
@@ -121,9 +122,17 @@ class MegatronActor:
         self.ref_model = self._build_and_load(hf_dir).eval() if config.algorithm.kl_coef > 0 else None
 
     def _build_and_load(self, hf_dir: str) -> torch.nn.Module:
+        """This rank's stage, filled from ``model.megatron_checkpoint`` when set, else from the HF weights."""
         model = build_gpt_model(self.hf_config, self.transformer_config, self.config.model.make_vocab_size_divisible_by)
-        load_hf_checkpoint(model, hf_dir, self.layout)
+        if self.config.model.megatron_checkpoint:
+            load_checkpoint(model, self.hf_config, self.config.model.megatron_checkpoint)
+        else:
+            load_hf_checkpoint(model, hf_dir, self.layout)
         return model
+
+    def load_checkpoint(self, path: str) -> dict | None:
+        """Resume model, optimizer and LR scheduler from a checkpoint (any layout); the saved trainer state."""
+        return load_checkpoint(self.model, self.hf_config, path, self.optimizer, self.scheduler)
 
     # ------------------------------------------------------------------ forward and per-token log-probs
     def _forward(self, model: torch.nn.Module, micro_batch: Batch) -> torch.Tensor:

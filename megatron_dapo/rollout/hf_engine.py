@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from megatron_dapo.rollout.base import Bucket, RolloutEngine, RolloutSample
 
@@ -28,6 +28,12 @@ class HFRolloutEngine(RolloutEngine):
     @classmethod
     def from_pretrained(cls, hf_dir: str, pad_token_id: int, eos_token_id: int, seed: int = 0) -> "HFRolloutEngine":
         model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+        return cls(model, pad_token_id, eos_token_id, seed)
+
+    @classmethod
+    def from_config(cls, hf_dir: str, pad_token_id: int, eos_token_id: int, seed: int = 0) -> "HFRolloutEngine":
+        """An engine whose weights arrive by ``update_weights`` (the folder needs only ``config.json``)."""
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf_dir), dtype=torch.float32)
         return cls(model, pad_token_id, eos_token_id, seed)
 
     @torch.no_grad()

@@ -1,0 +1,48 @@
+"""torchrun (or plain python) worker: build the actor under a layout, optionally from a Megatron checkpoint;
+report log-probs; optionally save a Megatron checkpoint and export HF through the in-job resharder.
+
+Run by tests/functional/test_checkpoint_convert.py.
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_dapo.actor.actor import MegatronActor
+from megatron_dapo.checkpointing import save_checkpoint
+from megatron_dapo.config import load_config
+from megatron_dapo.distributed import destroy_distributed, initialize_distributed
+from megatron_dapo.trainer import export_hf
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hf-dir", required=True)
+    parser.add_argument("--batch", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--megatron-checkpoint")
+    parser.add_argument("--save")
+    parser.add_argument("--export")
+    args = parser.parse_args()
+    initialize_distributed(args.tp, args.pp, seed=1)
+    overrides = [f"parallel.tensor_model_parallel_size={args.tp}", f"parallel.pipeline_model_parallel_size={args.pp}",
+                 "parallel.micro_batch_size=2"]
+    if args.megatron_checkpoint:
+        overrides.append(f"model.megatron_checkpoint={args.megatron_checkpoint}")
+    actor = MegatronActor(load_config(None, overrides), args.hf_dir, total_steps=1)
+    logprobs, _ = actor.compute_logprobs(torch.load(args.batch), 1.0)
+    if args.save:
+        save_checkpoint(actor, args.save, 1, {"step": 1}, tokenizer=None)
+    if args.export:
+        export_hf(actor, Path(args.export), tokenizer=None, bucket_mb=0)  # 0 MB: a bucket per parameter
+    if dist.get_rank() == 0:
+        torch.save(logprobs, args.out)
+    destroy_distributed()
+
+
+if __name__ == "__main__":  # the guard matters: dist-checkpoint saving re-imports __main__
+    main()
