@@ -23,33 +23,16 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
+from megatron_dapo.weights.checkpoint_reader import (  # noqa: F401 (re-exported: the trainer's checkpoint API)
+    HF_CONFIG_DIR,
+    TRACKER_FILE,
+    iteration_dir,
+    latest_checkpoint,
+    resolve_checkpoint,
+)
 from megatron_dapo.weights.hf_mapping import CheckpointMismatchError
 from megatron_dapo.weights.model_identity import check_same_model
 from megatron_dapo.weights.transfer import unwrap
-
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
-HF_CONFIG_DIR = "hf_config"
-
-
-def iteration_dir(save_dir: str | Path, step: int) -> Path:
-    return Path(save_dir) / f"iter_{step:07d}"
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """An ``iter_*`` folder, or a save folder (its latest checkpoint). Raises if there is none."""
-    path = Path(path)
-    tracker = path / TRACKER_FILE
-    if tracker.exists():
-        return iteration_dir(path, int(tracker.read_text().strip()))
-    if (path / "metadata.json").exists():
-        return path
-    raise FileNotFoundError(f"{path}: not a Megatron checkpoint (no metadata.json) nor a save folder (no {TRACKER_FILE})")
-
-
-def latest_checkpoint(save_dir: str | Path) -> Path | None:
-    tracker = Path(save_dir) / TRACKER_FILE
-    return resolve_checkpoint(save_dir) if tracker.exists() else None
-
 
 def model_sharded_state_dict(model: torch.nn.Module) -> dict:
     """The model's sharded state dict without ``_extra_state`` entries."""

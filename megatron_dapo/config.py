@@ -74,6 +74,8 @@ class RolloutConfig:
     val_temperature: float = 1.0
     val_top_p: float = 0.7
     weight_sync_bucket_mb: int = 512  # size of the flattened buckets the resharder sends to the engine
+    sglang_tp_size: int = 0  # SGLang engine TP size; 0: every GPU of the node
+    sglang_mem_fraction: float = 0.6  # SGLang's mem_fraction_static (weights + KV cache share of the GPU)
 
 
 @dataclass

@@ -81,16 +81,27 @@ def build_rollout_engine(config: DapoConfig, hf_dir: str, tokenizer) -> RolloutE
     """The rollout engine on global rank 0 (``None`` elsewhere)."""
     if not is_rank_zero():
         return None
-    if config.rollout.engine != "hf":
-        raise NotImplementedError(f"rollout.engine={config.rollout.engine!r} is not available in this build; use 'hf'")
+    if config.rollout.engine == "sglang":
+        if not torch.cuda.is_available():
+            raise ConfigError("rollout.engine='sglang' needs CUDA GPUs; use rollout.engine=hf on CPU")
+        from megatron_dapo.rollout.sglang_engine import SGLangRolloutEngine
+
+        ro = config.rollout
+        tp_size = ro.sglang_tp_size or torch.cuda.device_count()
+        return SGLangRolloutEngine.launch(hf_dir, tp_size, ro.sglang_mem_fraction, config.trainer.seed)
     if config.model.megatron_checkpoint:  # the HF folder may hold only config and tokenizer: weights come by sync
         return HFRolloutEngine.from_config(hf_dir, tokenizer.pad_token_id, tokenizer.eos_token_id, config.trainer.seed)
     return HFRolloutEngine.from_pretrained(hf_dir, tokenizer.pad_token_id, tokenizer.eos_token_id, config.trainer.seed)
 
 
-def sync_weights(actor: MegatronActor, engine: RolloutEngine | None, bucket_mb: int) -> None:
+def engine_weight_dtype(config: DapoConfig) -> torch.dtype:
+    """The dtype the rollout engine holds its weights in (every rank needs it for the resharder's buffers)."""
+    return torch.bfloat16 if config.rollout.engine == "sglang" else torch.float32
+
+
+def sync_weights(actor: MegatronActor, engine: RolloutEngine | None, config: DapoConfig) -> None:
     """Stream the actor's weights, resharded into HF names/layouts, bucket by bucket into the engine (collective)."""
-    buckets = actor.hf_buckets(bucket_mb * 1024**2)
+    buckets = actor.hf_buckets(config.rollout.weight_sync_bucket_mb * 1024**2, dtype=engine_weight_dtype(config))
     if engine is None:
         for _ in buckets:  # take part in the collectives
             pass
@@ -145,7 +156,7 @@ def _restore(config: DapoConfig, actor: MegatronActor, engine, sampler: PromptSa
             engine.load_state_dict(state["engine"])
         first_step = state["step"] + 1
     if latest is not None or config.model.megatron_checkpoint:
-        sync_weights(actor, engine, config.rollout.weight_sync_bucket_mb)
+        sync_weights(actor, engine, config)
     return first_step
 
 
@@ -218,7 +229,7 @@ def train(config: DapoConfig) -> tuple[float | None, float | None]:
                 ]
             metrics.update(_mean_metrics(updates))
             with timed(metrics, "sync"):
-                sync_weights(actor, engine, ro.weight_sync_bucket_mb)
+                sync_weights(actor, engine, config)
         if logger is not None:
             logger.log(step, metrics)
             progress.set_postfix(acc=f"{metrics['acc/mean']:.3f}", loss=f"{metrics['actor/pg_loss']:.4f}")

@@ -218,18 +218,23 @@ def hf_to_megatron(
     raise ValueError(f"unknown layout kind {kind!r}")
 
 
+def _cat(tensors: list[torch.Tensor] | tuple[torch.Tensor, ...], dim: int) -> torch.Tensor:
+    """``torch.cat``, without a copy for a single tensor (TP=1 and offline conversion stay copy-free)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
+
+
 def megatron_to_hf(mapping: ParamMapping, shards: list[torch.Tensor], layout: ModelLayout) -> list[torch.Tensor]:
-    """Merge all TP shards (in TP-rank order) of one Megatron parameter into its HF tensors."""
+    """Merge all TP shards (in TP-rank order) of one Megatron parameter into its HF tensors (views when TP=1)."""
     kind = mapping.kind
     if kind == "replicated":
         return [shards[0]]
     if kind == "vocab":
-        return [torch.cat(shards, dim=0)[: layout.vocab_size]]
+        return [_cat(shards, dim=0)[: layout.vocab_size]]
     if kind == "row":
-        return [torch.cat(shards, dim=1)]
+        return [_cat(shards, dim=1)]
     if kind == "gate_up":
         gates, ups = zip(*(shard.chunk(2, dim=0) for shard in shards))
-        return [torch.cat(gates, dim=0), torch.cat(ups, dim=0)]
+        return [_cat(gates, dim=0), _cat(ups, dim=0)]
     if kind == "qkv":
-        return _split_qkv(torch.cat(shards, dim=0), layout)
+        return _split_qkv(_cat(shards, dim=0), layout)
     raise ValueError(f"unknown layout kind {kind!r}")

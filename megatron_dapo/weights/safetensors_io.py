@@ -104,7 +104,8 @@ class SafetensorsStreamWriter:
         if (name, tuple(tensor.shape), tensor.dtype) != (spec.name, spec.shape, spec.dtype):
             raise ValueError(f"expected {spec}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
         data = tensor.detach().contiguous().cpu()
-        self._file.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        if data.numel():
+            self._file.write(data.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no bytes copy
 
     def close(self) -> None:
         if self._pending:

@@ -15,3 +15,21 @@ def test_fused_loss_benchmark_quick():
     lines = result.stdout.strip().splitlines()
     assert re.fullmatch(r"fused_linear/naive peak_mem_ratio=\d+\.\d+ time_ratio=\d+\.\d+", lines[-1])
     assert any(re.fullmatch(r"fused_linear scaling 2048/512 peak_mem_ratio=\d+\.\d+", line) for line in lines)
+
+
+def _run_quick(script):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip().splitlines()
+
+
+def test_weight_sync_benchmark_quick():
+    lines = _run_quick("bench_weight_sync.py")
+    assert re.fullmatch(r"resharder/memcpy throughput_ratio=\d+\.\d+", lines[-1])
+    assert any(re.fullmatch(r"per_tensor/bucketed time_ratio=\d+\.\d+", line) for line in lines)
+
+
+def test_convert_memory_benchmark_quick():
+    lines = _run_quick("bench_convert_memory.py")
+    assert re.fullmatch(r"megatron_to_hf peak_rss_mb=\d+ above_import_floor_mb=-?\d+ bound_mb=\d+", lines[-1])

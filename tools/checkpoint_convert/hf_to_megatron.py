@@ -28,10 +28,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoConfig
 
-    from megatron_dapo.checkpointing import HF_CONFIG_DIR
+    from megatron_dapo.weights.checkpoint_reader import HF_CONFIG_DIR
     from megatron_dapo.distributed import destroy_distributed, initialize_distributed
     from megatron_dapo.weights.hf_export import TOKENIZER_FILES
-    from megatron_dapo.weights.megatron_checkpoint import write_megatron_checkpoint
+    from megatron_dapo.weights.checkpoint_writer import write_megatron_checkpoint
     from megatron_dapo.weights.safetensors_io import SafetensorsReader
 
     out, hf_dir = Path(args.out), Path(args.hf_dir)

@@ -30,9 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoConfig
 
-    from megatron_dapo.checkpointing import HF_CONFIG_DIR, resolve_checkpoint
+    from megatron_dapo.weights.checkpoint_reader import HF_CONFIG_DIR, read_hf_tensors, resolve_checkpoint
     from megatron_dapo.weights.hf_export import write_hf_folder
-    from megatron_dapo.weights.megatron_checkpoint import read_hf_tensors
 
     try:
         checkpoint = resolve_checkpoint(args.load)

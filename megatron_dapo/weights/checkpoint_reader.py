@@ -1,11 +1,13 @@
-"""Offline conversion between Megatron torch_dist checkpoints and Hugging Face folders, one tensor at a time.
+"""Megatron torch_dist checkpoints as seen from outside megatron-core: folder layout, tensor shapes, reads.
 
 A torch_dist checkpoint stores each parameter as one global tensor, whatever TP/PP saved it: layer
 parameters are stacked on a leading layer axis, TP shards sit at their offsets, and ``linear_fc1`` is
 ``[gate; up]`` — i.e. the TP=1 layout. Reading asks torch.distributed.checkpoint (the format under
-torch_dist) for one layer's box of one key, so peak memory stays near one tensor and no process group is
-needed. Writing describes TP=1 tensors by their layer offset; megatron reshards them to any TP/PP at
-load time.
+torch_dist) for one layer's box of one key: peak memory stays near one tensor, no process group and no
+megatron-core import are needed (the offline converter's memory floor stays at torch's).
+
+Layout of a save folder: ``iter_0000010/`` (torch_dist files + ``hf_config/``, the model's HF config and
+tokenizer) and ``latest_checkpointed_iteration.txt``, written last.
 """
 
 from __future__ import annotations
@@ -15,25 +17,39 @@ from typing import Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
-from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing import ShardedTensor
 from torch.distributed.checkpoint import FileSystemReader
+from torch.futures import Future
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from transformers import PretrainedConfig
 
-from megatron_dapo.actor.model import padded_vocab_size, validate_hf_config
-from megatron_dapo.weights.hf_mapping import (
-    CheckpointMismatchError,
-    ModelLayout,
-    TensorReader,
-    hf_to_megatron,
-    megatron_to_hf,
-    param_mapping,
-)
+from megatron_dapo.weights.hf_mapping import CheckpointMismatchError, ModelLayout, megatron_to_hf, param_mapping
 from megatron_dapo.weights.safetensors_io import TensorSpec
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+HF_CONFIG_DIR = "hf_config"
+
+
+def iteration_dir(save_dir: str | Path, step: int) -> Path:
+    return Path(save_dir) / f"iter_{step:07d}"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """An ``iter_*`` folder, or a save folder (its latest checkpoint). Raises if there is none."""
+    path = Path(path)
+    tracker = path / TRACKER_FILE
+    if tracker.exists():
+        return iteration_dir(path, int(tracker.read_text().strip()))
+    if (path / "metadata.json").exists():
+        return path
+    raise FileNotFoundError(f"{path}: not a Megatron checkpoint (no metadata.json) nor a save folder (no {TRACKER_FILE})")
+
+
+def latest_checkpoint(save_dir: str | Path) -> Path | None:
+    return resolve_checkpoint(save_dir) if (Path(save_dir) / TRACKER_FILE).exists() else None
+
 
 LAYER_KEY = "decoder.layers."
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
@@ -71,7 +87,7 @@ def megatron_shapes(hf_config: PretrainedConfig) -> dict[str, tuple[tuple[int, .
     return shapes
 
 
-def _tensor_order(hf_config: PretrainedConfig) -> list[tuple[str, int | None]]:
+def tensor_order(hf_config: PretrainedConfig) -> list[tuple[str, int | None]]:
     """(checkpoint key, layer) in HF order: embedding, layer by layer, final norm, output layer."""
     keys = list(megatron_shapes(hf_config))
     layer_keys = [k for k in keys if k.startswith(LAYER_KEY)]
@@ -81,7 +97,7 @@ def _tensor_order(hf_config: PretrainedConfig) -> list[tuple[str, int | None]]:
     return order
 
 
-def _mapping(key: str, layer: int | None, layout: ModelLayout):
+def checkpoint_param_mapping(key: str, layer: int | None, layout: ModelLayout):
     name = key if layer is None else f"{LAYER_KEY}{layer}.{key[len(LAYER_KEY):]}"
     return param_mapping(name, layer, layout)
 
@@ -112,21 +128,49 @@ def check_checkpoint_matches_config(metadata: dict, hf_config: PretrainedConfig,
 
 
 class _BoxLoadPlanner(DefaultLoadPlanner):
-    """Loads one box (``offsets``, ``buffer.shape``) of one checkpoint tensor into ``buffer``."""
+    """Loads one box (``offsets``, ``shape``) of one checkpoint tensor.
 
-    def __init__(self, key: str, offsets: tuple[int, ...], buffer: torch.Tensor) -> None:
+    A saved chunk that is exactly the box becomes the result as loaded; otherwise chunks are copied into
+    a buffer. (DCP's own reader always copies into a preallocated target: twice the tensor at peak.)
+    """
+
+    def __init__(self, key: str, offsets: tuple[int, ...], shape: tuple[int, ...], dtype: torch.dtype) -> None:
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False, allow_partial_load=True)
-        self.key, self.offsets, self.buffer = key, offsets, buffer
+        self.key, self.offsets, self.shape, self.dtype = key, offsets, shape, dtype
+        self.result: torch.Tensor | None = None
 
     def create_local_plan(self) -> LoadPlan:
-        box = ChunkStorageMetadata(offsets=torch.Size(self.offsets), sizes=self.buffer.shape)
+        box = ChunkStorageMetadata(offsets=torch.Size(self.offsets), sizes=torch.Size(self.shape))
         return LoadPlan(create_read_items_for_chunk_list(self.key, self.metadata.state_dict_metadata[self.key], [box]))
 
-    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
-        view = self.buffer
+    def take(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
+        if tuple(tensor.shape) == self.shape and self.result is None:
+            self.result = tensor
+            return
+        if self.result is None or tuple(self.result.shape) != self.shape:
+            self.result = torch.empty(self.shape, dtype=self.dtype)
+        view = self.result
         for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
             view = view.narrow(dim, start, length)
-        return view
+        view.copy_(tensor)
+
+
+class _HandoffReader(FileSystemReader):
+    """``FileSystemReader`` that hands each loaded chunk (narrowed to the request) to ``_BoxLoadPlanner.take``."""
+
+    def read_data(self, plan: LoadPlan, planner: _BoxLoadPlanner) -> Future:
+        for item in plan.items:
+            info = self.storage_data[item.storage_index]
+            if info.transform_descriptors:
+                raise NotImplementedError(f"checkpoint chunk of {item.storage_index.fqn} uses storage transforms")
+            with self.fs.create_stream(self.fs.concat_path(self.path, info.relative_path), "rb") as stream:
+                chunk = torch.load(self._slice_file(stream, info), map_location="cpu", weights_only=True)
+            for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths)):
+                chunk = chunk.narrow(dim, start, length)
+            planner.take(item, chunk)
+        done: Future = Future()
+        done.set_result(None)
+        return done
 
 
 def tensors_metadata(checkpoint_dir: Path) -> dict[str, TensorStorageMetadata]:
@@ -139,9 +183,9 @@ def _read(checkpoint_dir: Path, key: str, layer: int | None, meta: TensorStorage
     shape = tuple(meta.size)
     box_shape = shape if layer is None else (1, *shape[1:])
     offsets = (0,) * len(shape) if layer is None else (layer,) + (0,) * (len(shape) - 1)
-    buffer = torch.empty(box_shape, dtype=meta.properties.dtype)
-    dcp.load({}, storage_reader=FileSystemReader(str(checkpoint_dir)), planner=_BoxLoadPlanner(key, offsets, buffer), no_dist=True)
-    return buffer if layer is None else buffer[0]
+    planner = _BoxLoadPlanner(key, offsets, box_shape, meta.properties.dtype)
+    dcp.load({}, storage_reader=_HandoffReader(str(checkpoint_dir)), planner=planner, no_dist=True)
+    return planner.result if layer is None else planner.result[0]
 
 
 def read_hf_tensors(
@@ -155,18 +199,18 @@ def read_hf_tensors(
     metadata = tensors_metadata(checkpoint_dir)
     check_checkpoint_matches_config(metadata, hf_config, f"checkpoint {checkpoint_dir}")
     layout = ModelLayout.from_hf_config(hf_config)
-    order = _tensor_order(hf_config)
+    order = tensor_order(hf_config)
     specs = []
     for key, layer in order:
         meta = metadata[key]
         shape = tuple(meta.size) if layer is None else tuple(meta.size)[1:]
         placeholders = [torch.empty(shape, device="meta")]
-        for name, tensor in zip(_mapping(key, layer, layout).hf_names, megatron_to_hf(_mapping(key, layer, layout), placeholders, layout)):
+        for name, tensor in zip(checkpoint_param_mapping(key, layer, layout).hf_names, megatron_to_hf(checkpoint_param_mapping(key, layer, layout), placeholders, layout)):
             specs.append(TensorSpec(name, tuple(tensor.shape), dtype or meta.properties.dtype))
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for key, layer in order:
-            mapping = _mapping(key, layer, layout)
+            mapping = checkpoint_param_mapping(key, layer, layout)
             megatron_tensor = _read(checkpoint_dir, key, layer, metadata[key])
             for name, tensor in zip(mapping.hf_names, megatron_to_hf(mapping, [megatron_tensor], layout)):
                 yield name, tensor
@@ -175,51 +219,3 @@ def read_hf_tensors(
     return specs, tensors()
 
 
-def check_hf_weights_match_config(reader: TensorReader, hf_config: PretrainedConfig, source: str) -> None:
-    """Refuse HF weights whose shapes do not follow ``hf_config`` (before anything is written)."""
-    layout = ModelLayout.from_hf_config(hf_config)
-    for key, (shape, fields) in megatron_shapes(hf_config).items():
-        layer = 0 if key.startswith(LAYER_KEY) else None
-        mapping = _mapping(key, layer, layout)
-        want = shape[1:] if layer is not None else shape
-        placeholders = [torch.empty(want, device="meta")]
-        for name, expected in zip(mapping.hf_names, megatron_to_hf(mapping, placeholders, layout)):
-            got = reader.shape(name)
-            if got != tuple(expected.shape):
-                raise CheckpointMismatchError(
-                    f"{source}: {name} has shape {got}, the config's {fields} imply {tuple(expected.shape)}: "
-                    "the config and the weights belong to different models"
-                )
-    last = f"model.layers.{hf_config.num_hidden_layers - 1}.input_layernorm.weight"
-    reader.shape(last)  # raises naming the tensor when the weights have fewer layers
-
-
-def write_megatron_checkpoint(
-    reader: TensorReader,
-    hf_config: PretrainedConfig,
-    out_dir: str | Path,
-    make_vocab_size_divisible_by: int = 128,
-    dtype: torch.dtype | None = None,
-) -> None:
-    """Write the HF weights behind ``reader`` as a torch_dist checkpoint loadable under any TP/PP.
-
-    Needs a (one-process) ``torch.distributed`` group. Every tensor is held once while megatron-core
-    writes them (its save plans all tensors together).
-    """
-    validate_hf_config(hf_config, 1, 1)
-    check_hf_weights_match_config(reader, hf_config, "Hugging Face weights")
-    layout = ModelLayout.from_hf_config(hf_config)
-    padded_rows = padded_vocab_size(layout.vocab_size, make_vocab_size_divisible_by, 1)
-    num_layers = hf_config.num_hidden_layers
-    state = {}
-    for key, layer in _tensor_order(hf_config):
-        tensor = hf_to_megatron(_mapping(key, layer, layout), reader, layout, 0, 1, padded_rows)
-        tensor = tensor.to(dtype) if dtype is not None else tensor
-        if layer is None:
-            state[key] = ShardedTensor.from_rank_offsets(key, tensor.contiguous(), replica_id=0)
-        else:
-            state[f"{key}.{layer}"] = ShardedTensor.from_rank_offsets(
-                key, tensor.contiguous(), (0, layer, num_layers), replica_id=0, prepend_axis_num=1
-            )
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save({"model": state}, str(out_dir))

@@ -1,0 +1,112 @@
+"""In-job weight sync: throughput of the bucketed resharder vs a plain memory copy of the same bytes.
+
+A Qwen2-shaped model of a few hundred MB (fp32, random weights) is built under TP=2 × PP=2 (4 processes,
+gloo on CPU). Global rank 0 receives every full Hugging Face tensor from ``stream_hf_buckets`` and copies
+it into a preallocated HF-layout destination (what the CPU rollout engine does), for several bucket
+sizes. The baseline is one ``copy_`` of the same number of bytes inside rank 0 — the physical limit of
+moving them once in memory. The last line is the ratio of the default (512 MB) bucket's throughput to it.
+
+    python benchmarks/bench_weight_sync.py            # ~560 MB model
+    python benchmarks/bench_weight_sync.py --quick    # ~20 MB model, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+MB = 1024**2
+COPY_INTO_ENGINE = os.environ.get("COPY", "1") == "1"
+BUCKETS_MB = {"512 MB buckets (default)": 512, "32 MB buckets": 32, "per tensor": 0}
+
+
+def model_config(quick: bool):
+    from transformers import Qwen2Config
+
+    if quick:
+        return Qwen2Config(vocab_size=8000, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                           num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
+    return Qwen2Config(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                       num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False)
+
+
+def worker(quick: bool, repeats: int, out: Path) -> None:
+    """One rank of the 4-process job (run by torchrun)."""
+    import torch.distributed as dist
+
+    from megatron_dapo.actor.model import build_gpt_model, transformer_config_from_hf
+    from megatron_dapo.distributed import initialize_distributed
+    from megatron_dapo.weights.hf_mapping import ModelLayout
+    from megatron_dapo.weights.transfer import hf_specs, stream_hf_buckets
+
+    initialize_distributed(2, 2, seed=0)
+    hf_config = model_config(quick)
+    model = build_gpt_model(hf_config, transformer_config_from_hf(hf_config, 2, 2), 128)
+    layout = ModelLayout.from_hf_config(hf_config)
+    specs = hf_specs(model, layout)
+    total_bytes = sum(s.nbytes for s in specs)
+    destination = {s.name: torch.empty(s.shape, dtype=s.dtype) for s in specs} if dist.get_rank() == 0 else {}
+    results = {"total_bytes": total_bytes}
+    for label, bucket_mb in BUCKETS_MB.items():
+        times = []
+        for _ in range(repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            for bucket in stream_hf_buckets(model, layout, bucket_mb * MB):
+                if COPY_INTO_ENGINE:
+                    for name, tensor in bucket:
+                        destination[name].copy_(tensor)
+            dist.barrier()
+            times.append(time.perf_counter() - start)
+        results[label] = min(times)
+    if dist.get_rank() == 0:
+        source, target = torch.ones(total_bytes // 4), torch.empty(total_bytes // 4)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            target.copy_(source)
+            times.append(time.perf_counter() - start)
+        results["memcpy"] = min(times)
+        out.write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker_out:
+        worker(args.quick, args.repeats, args.worker_out)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", __file__,
+                   "--repeats", str(args.repeats), "--worker-out", str(out)] + (["--quick"] if args.quick else [])
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        results = json.loads(out.read_text())
+    gigabytes = results["total_bytes"] / 1e9
+    print(f"model: {results['total_bytes'] / MB:.0f} MB of fp32 HF tensors; TP=2 x PP=2, 4 processes, gloo on CPU; "
+          f"best of {args.repeats}")
+    for label in BUCKETS_MB:
+        print(f"resharder, {label}: {results[label]:.3f} s, {gigabytes / results[label]:.2f} GB/s")
+    print(f"memcpy of the same bytes: {results['memcpy']:.3f} s, {gigabytes / results['memcpy']:.2f} GB/s")
+    print(f"per_tensor/bucketed time_ratio={results['per tensor'] / results['512 MB buckets (default)']:.2f}")
+    print(f"resharder/memcpy throughput_ratio={results['memcpy'] / results['512 MB buckets (default)']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
