@@ -4,7 +4,10 @@ A Qwen2-shaped model of a few hundred MB (fp32, random weights) is built under T
 gloo on CPU). Global rank 0 receives every full Hugging Face tensor from ``stream_hf_buckets`` and copies
 it into a preallocated HF-layout destination (what the CPU rollout engine does), for several bucket
 sizes. The baseline is one ``copy_`` of the same number of bytes inside rank 0 — the physical limit of
-moving them once in memory. The last line is the ratio of the default (512 MB) bucket's throughput to it.
+moving them once in memory. The job runs twice: with glibc's default allocator, and with freed memory
+kept for reuse (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``): every sync allocates fresh
+buffers for the tensors it hands over, and by default each one is fresh pages (page faults). The last
+line is the default allocator's ratio of the default (512 MB) bucket's throughput to memcpy.
 
     python benchmarks/bench_weight_sync.py            # ~560 MB model
     python benchmarks/bench_weight_sync.py --quick    # ~20 MB model, seconds
@@ -27,7 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 MB = 1024**2
-COPY_INTO_ENGINE = os.environ.get("COPY", "1") == "1"
+ALLOCATORS = {
+    "default allocator": {},
+    "reused freed memory": {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)},
+}
 BUCKETS_MB = {"512 MB buckets (default)": 512, "32 MB buckets": 32, "per tensor": 0}
 
 
@@ -64,9 +70,8 @@ def worker(quick: bool, repeats: int, out: Path) -> None:
             dist.barrier()
             start = time.perf_counter()
             for bucket in stream_hf_buckets(model, layout, bucket_mb * MB):
-                if COPY_INTO_ENGINE:
-                    for name, tensor in bucket:
-                        destination[name].copy_(tensor)
+                for name, tensor in bucket:
+                    destination[name].copy_(tensor)
             dist.barrier()
             times.append(time.perf_counter() - start)
         results[label] = min(times)
@@ -91,21 +96,27 @@ def main() -> None:
     if args.worker_out:
         worker(args.quick, args.repeats, args.worker_out)
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", __file__,
-                   "--repeats", str(args.repeats), "--worker-out", str(out)] + (["--quick"] if args.quick else [])
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        results = json.loads(out.read_text())
-    gigabytes = results["total_bytes"] / 1e9
-    print(f"model: {results['total_bytes'] / MB:.0f} MB of fp32 HF tensors; TP=2 x PP=2, 4 processes, gloo on CPU; "
-          f"best of {args.repeats}")
-    for label in BUCKETS_MB:
-        print(f"resharder, {label}: {results[label]:.3f} s, {gigabytes / results[label]:.2f} GB/s")
-    print(f"memcpy of the same bytes: {results['memcpy']:.3f} s, {gigabytes / results['memcpy']:.2f} GB/s")
-    print(f"per_tensor/bucketed time_ratio={results['per tensor'] / results['512 MB buckets (default)']:.2f}")
-    print(f"resharder/memcpy throughput_ratio={results['memcpy'] / results['512 MB buckets (default)']:.3f}")
+    runs = {}
+    for allocator, extra_env in ALLOCATORS.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "result.json"
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", __file__,
+                       "--repeats", str(args.repeats), "--worker-out", str(out)] + (["--quick"] if args.quick else [])
+            env = dict(os.environ, OMP_NUM_THREADS="1", **extra_env)
+            subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            runs[allocator] = json.loads(out.read_text())
+    total = runs["default allocator"]["total_bytes"]
+    print(f"model: {total / MB:.0f} MB of fp32 HF tensors; TP=2 x PP=2, 4 processes on one host (shared-memory "
+          f"transport), CPU; best of {args.repeats}")
+    for allocator, results in runs.items():
+        for label in BUCKETS_MB:
+            print(f"{allocator}, resharder, {label}: {results[label]:.3f} s, {total / 1e9 / results[label]:.2f} GB/s")
+        print(f"{allocator}, memcpy of the same bytes: {results['memcpy']:.3f} s, {total / 1e9 / results['memcpy']:.2f} GB/s")
+    default = runs["default allocator"]
+    reuse = runs["reused freed memory"]
+    print(f"per_tensor/bucketed time_ratio={default['per tensor'] / default['512 MB buckets (default)']:.2f}")
+    print(f"reused freed memory: resharder/memcpy throughput_ratio={reuse['memcpy'] / reuse['512 MB buckets (default)']:.3f}")
+    print(f"resharder/memcpy throughput_ratio={default['memcpy'] / default['512 MB buckets (default)']:.3f}")
 
 
 if __name__ == "__main__":

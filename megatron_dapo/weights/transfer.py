@@ -27,6 +27,7 @@ from megatron_dapo.weights.hf_mapping import (
     param_mapping,
 )
 from megatron_dapo.weights.safetensors_io import SafetensorsReader, TensorSpec
+from megatron_dapo.weights.shared_memory import SharedRegions, same_host
 
 __all__ = ["CheckpointMismatchError", "load_hf_checkpoint", "stream_hf_buckets", "unwrap", "local_param_mappings"]
 
@@ -79,11 +80,14 @@ def _weights(param: torch.nn.Parameter) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Entry:
-    """One Megatron parameter of a stage and the HF tensors it becomes."""
+    """One Megatron parameter of a stage, its local (TP) shard, and the HF tensors it becomes."""
 
     stage: int
     index: int  # position among the stage's exported parameters
     specs: tuple[TensorSpec, ...]
+    shard: TensorSpec  # this stage's TP-local tensor (every TP rank's has this shape)
+    tp_sharded: bool
+    mapping: ParamMapping
 
 
 def _exported(model: torch.nn.Module, layout: ModelLayout) -> list[tuple[torch.nn.Parameter, ParamMapping]]:
@@ -101,12 +105,21 @@ def _hf_specs(param: torch.Tensor, mapping: ParamMapping, layout: ModelLayout, d
     return tuple(TensorSpec(n, tuple(t.shape), dtype) for n, t in zip(mapping.hf_names, megatron_to_hf(mapping, meta, layout)))
 
 
-def hf_plan(model: torch.nn.Module, layout: ModelLayout, dtype: torch.dtype) -> list[_Entry]:
+def hf_plan(
+    model: torch.nn.Module, layout: ModelLayout, dtype: torch.dtype, tensor_of: Callable[[torch.nn.Parameter], torch.Tensor] = None
+) -> list[_Entry]:
     """Every exported parameter of every stage, in stage order (collective over the pipeline group)."""
-    local = [_hf_specs(p, m, layout, dtype) for p, m in _exported(model, layout)]
+    tensor_of = tensor_of or _weights
+    local = []
+    for param, mapping in _exported(model, layout):
+        shard = tensor_of(param)
+        local.append((_hf_specs(param, mapping, layout, dtype), TensorSpec(mapping.megatron_name, tuple(shard.shape), shard.dtype),
+                      bool(getattr(param, "tensor_model_parallel", False)), mapping))
     stages = [None] * parallel_state.get_pipeline_model_parallel_world_size()
     dist.all_gather_object(stages, local, group=parallel_state.get_pipeline_model_parallel_group())
-    return [_Entry(stage, index, specs) for stage, stage_specs in enumerate(stages) for index, specs in enumerate(stage_specs)]
+    return [
+        _Entry(stage, index, *entry) for stage, stage_entries in enumerate(stages) for index, entry in enumerate(stage_entries)
+    ]
 
 
 def _buckets(plan: list[_Entry], bucket_bytes: int) -> list[list[_Entry]]:
@@ -164,16 +177,27 @@ def stream_hf_buckets(
     Buckets arrive on global rank 0 only, or on every rank with ``to_all_ranks`` (colocated engines that
     each need every tensor); other ranks' iterators yield nothing. ``tensor_of`` picks what is gathered
     (``lambda p: p.main_grad`` gathers gradients). Each yielded bucket owns fresh buffers.
+
+    Transport: when every rank is a CPU process on one host and buckets go to rank 0, the shards travel
+    through shared memory (written once by their owners, merged once by rank 0); otherwise TP shards are
+    all-gathered and each bucket crosses the pipeline as one flat buffer per dtype.
     """
-    plan = hf_plan(model, layout, dtype)
+    plan = hf_plan(model, layout, dtype, tensor_of)
+    buckets = _buckets(plan, bucket_bytes)
+    device = next(unwrap(model).parameters()).device
+    if not to_all_ranks and device.type == "cpu" and dist.get_world_size() > 1 and same_host():
+        return _stream_through_shared_memory(model, layout, buckets, dtype, tensor_of)
+    return _stream_through_collectives(model, layout, buckets, to_all_ranks, device, tensor_of)
+
+
+def _stream_through_collectives(model, layout, buckets, to_all_ranks, device, tensor_of) -> Iterator[Bucket]:
     exported = _exported(model, layout)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     pp_ranks = dist.get_process_group_ranks(pp_group)
     on_rank_zero_line = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
     takes_part = to_all_ranks or parallel_state.get_data_parallel_rank() == 0
-    device = next(unwrap(model).parameters()).device
-    for bucket in _buckets(plan, bucket_bytes):
+    for bucket in buckets:
         if not takes_part:
             continue
         stage = bucket[0].stage
@@ -183,7 +207,7 @@ def stream_hf_buckets(
             named = []
             for entry in bucket:
                 param, mapping = exported[entry.index]
-                shards = _gather_tp(tensor_of(param), getattr(param, "tensor_model_parallel", False))
+                shards = _gather_tp(tensor_of(param), entry.tp_sharded)
                 named += megatron_to_hf(mapping, shards, layout)
             for (_, view), tensor in zip(_unflatten(specs, buffers), named):
                 view.copy_(tensor)
@@ -201,6 +225,48 @@ def stream_hf_buckets(
             yield _unflatten(specs, buffers)
 
 
+_REGIONS = SharedRegions()
+
+
+def _stream_through_shared_memory(model, layout, buckets, dtype, tensor_of) -> Iterator[Bucket]:
+    """Owners (data-parallel rank 0 of each stage, every TP rank) write their shards of a bucket into their
+    shared region; rank 0 merges them into fresh HF tensors; two barriers per bucket keep a region from
+    being overwritten while it is read (pitfall 15's rule, on CPU)."""
+    exported = _exported(model, layout)
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    owner = parallel_state.get_data_parallel_rank() == 0
+    coords = [None] * dist.get_world_size()
+    my_coords = (pp_rank, parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank())
+    dist.all_gather_object(coords, my_coords)
+    owner_rank = {(pp, tp): rank for rank, (pp, tp, dp) in enumerate(coords) if dp == 0}
+    need = max((sum(e.shard.nbytes for e in bucket) for bucket in buckets if bucket[0].stage == pp_rank), default=0)
+    _REGIONS.publish(need if owner else 0, readers={0})
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    for bucket in buckets:
+        stage = bucket[0].stage
+        if owner and stage == pp_rank:
+            offset = 0
+            for entry in bucket:
+                _REGIONS.view(dist.get_rank(), offset, entry.shard.shape, entry.shard.dtype).copy_(tensor_of(exported[entry.index][0]))
+                offset += entry.shard.nbytes
+        dist.barrier()
+        named: Bucket = []
+        if dist.get_rank() == 0:
+            offset = 0
+            for entry in bucket:
+                ranks = [owner_rank[(stage, tp)] for tp in range(tp_size if entry.tp_sharded else 1)]
+                shards = [_REGIONS.view(rank, offset, entry.shard.shape, entry.shard.dtype) for rank in ranks]
+                offset += entry.shard.nbytes
+                tensors = megatron_to_hf(entry.mapping, shards, layout)
+                for spec, tensor in zip(entry.specs, tensors):  # a single shard comes back as a view: copy it
+                    fresh = tensor.to(spec.dtype, copy=len(shards) == 1)
+                    named.append((spec.name, fresh))
+        dist.barrier()
+        if dist.get_rank() == 0:
+            yield named
+
+
 def hf_specs(model: torch.nn.Module, layout: ModelLayout, dtype: torch.dtype = torch.float32) -> list[TensorSpec]:
     """Names, shapes and dtypes of the full HF tensors, in ``stream_hf_buckets`` order (collective)."""
     return [spec for entry in hf_plan(model, layout, dtype) for spec in entry.specs]
+
