@@ -1,4 +1,5 @@
-"""The same CLI under torchrun: 2-process TP=2 and PP=2 jobs (gloo) match the 1-process run's first step."""
+"""The same CLI under torchrun: 2-process TP=2 and PP=2 jobs (gloo) match the 1-process run's first step,
+and after the in-job weight sync the CPU engine's log-probs equal the actor's within 1e-4."""
 
 import json
 import os
@@ -9,7 +10,7 @@ import pytest
 
 from .test_cli import ROOT, TOY_CONFIG
 
-SMALL_RUN = ["trainer.max_steps=1", "toy_model.sft_steps=300", "algorithm.max_num_gen_batches=0",
+SMALL_RUN = ["trainer.max_steps=2", "toy_model.sft_steps=300", "algorithm.max_num_gen_batches=0",
              "data.toy_num_val=4", "rollout.val_n=2", "logging.progress_bar=false"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
@@ -20,7 +21,10 @@ def _first_step(launcher, out, *overrides):
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("eval accuracy:") == 1  # printed by rank 0 only
-    return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # step 2 samples from the engine after the in-job sync of step 1's update: it must match the actor
+    assert rows[1]["rollout/train_logprob_abs_diff"] < 1e-4
+    return rows[0]
 
 
 @pytest.fixture(scope="module")
