@@ -34,6 +34,11 @@ from megatron_dapo.weights.hf_mapping import CheckpointMismatchError
 from megatron_dapo.weights.model_identity import check_same_model
 from megatron_dapo.weights.transfer import unwrap
 
+# The distributed optimizer's default sharding fails on CPU ("flattened_range is not supported");
+# "fully_reshardable" also lets its state load under another DP size.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
 def model_sharded_state_dict(model: torch.nn.Module) -> dict:
     """The model's sharded state dict without ``_extra_state`` entries."""
     return {k: v for k, v in unwrap(model).sharded_state_dict().items() if not k.endswith("_extra_state")}
@@ -51,7 +56,7 @@ def save_checkpoint(
     model_state = model_sharded_state_dict(actor.model)
     state = {
         "model": model_state,
-        "optimizer": actor.optimizer.sharded_state_dict(model_state),
+        "optimizer": actor.optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_METADATA),
         "scheduler": actor.scheduler.state_dict(),
         "trainer": trainer_state,
     }
@@ -84,7 +89,7 @@ def load_checkpoint(
     model_state = model_sharded_state_dict(model)
     request = {"model": model_state}
     if optimizer is not None:
-        request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True)
+        request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_METADATA)
     loaded = dist_checkpointing.load(request, str(path))
     missing, unexpected = unwrap(model).load_state_dict(loaded["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]

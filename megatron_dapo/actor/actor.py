@@ -27,10 +27,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from transformers import AutoConfig
 
-from megatron_dapo.actor.model import build_gpt_model, transformer_config_from_hf
+from megatron_dapo.actor.model import build_gpt_model, transformer_config_from_hf, transformer_engine_available
 from megatron_dapo.checkpointing import load_checkpoint
 from megatron_dapo.batch import padding_aware_micro_batches, split_batch, unsort_rows
-from megatron_dapo.config import DapoConfig
+from megatron_dapo.config import ConfigError, DapoConfig
 from megatron_dapo.ops import fused_linear_logprobs_entropy, naive_logprobs_entropy, vocab_parallel_logprobs_entropy
 from megatron_dapo.ops.dapo_loss import METRIC_SUM_KEYS, dapo_loss_terms, fused_linear_dapo_loss_terms
 from megatron_dapo.weights.hf_mapping import ModelLayout
@@ -132,6 +132,12 @@ class MegatronActor:
 
     def load_checkpoint(self, path: str) -> dict | None:
         """Resume model, optimizer and LR scheduler from a checkpoint (any layout); the saved trainer state."""
+        if self.config.parallel.use_distributed_optimizer and not transformer_engine_available():
+            raise ConfigError(
+                f"cannot resume {path} with parallel.use_distributed_optimizer=true here: megatron-core 0.16.1's "
+                "torch-AdamW fallback (no Transformer Engine/Apex) cannot load distributed-optimizer state; "
+                "resume on a GPU host, or set trainer.resume=false to start over"
+            )
         return load_checkpoint(self.model, self.hf_config, path, self.optimizer, self.scheduler)
 
     # ------------------------------------------------------------------ forward and per-token log-probs
