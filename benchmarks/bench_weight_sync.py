@@ -1,16 +1,14 @@
 """In-job weight sync: throughput of the bucketed resharder vs a plain memory copy of the same bytes.
 
-A Qwen2-shaped model of a few hundred MB (fp32, random weights) is built under TP=2 × PP=2 (4 processes,
-gloo on CPU). Global rank 0 receives every full Hugging Face tensor from ``stream_hf_buckets`` and copies
-it into a preallocated HF-layout destination (what the CPU rollout engine does), for several bucket
-sizes. The baseline is one ``copy_`` of the same number of bytes inside rank 0 — the physical limit of
-moving them once in memory. The job runs twice: with glibc's default allocator, and with freed memory
-kept for reuse (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``): every sync allocates fresh
-buffers for the tensors it hands over, and by default each one is fresh pages (page faults). The last
-line is the default allocator's ratio of the default (512 MB) bucket's throughput to memcpy.
+A Qwen2-shaped model of a few hundred MB (fp32, random weights) is built under TP=2 × PP=2 (4 processes on
+one host, CPU). Global rank 0 receives every full Hugging Face tensor from ``stream_hf_buckets`` — the
+resharder — for several bucket sizes, once on its own and once also copying each tensor into a
+preallocated HF-layout destination (what the CPU rollout engine does with a bucket). The baseline is
+one ``copy_`` of the same number of bytes inside rank 0: the physical limit of moving them once in
+memory. The last line is the resharder's throughput at the default 512 MB buckets over memcpy's.
 
-    python benchmarks/bench_weight_sync.py            # ~560 MB model
-    python benchmarks/bench_weight_sync.py --quick    # ~20 MB model, seconds
+    python benchmarks/bench_weight_sync.py            # ~590 MB model
+    python benchmarks/bench_weight_sync.py --quick    # ~26 MB model, seconds
 """
 
 from __future__ import annotations
@@ -30,10 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 MB = 1024**2
-ALLOCATORS = {
-    "default allocator": {},
-    "reused freed memory": {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)},
-}
 BUCKETS_MB = {"512 MB buckets (default)": 512, "32 MB buckets": 32, "per tensor": 0}
 
 
@@ -64,25 +58,28 @@ def worker(quick: bool, repeats: int, out: Path) -> None:
     total_bytes = sum(s.nbytes for s in specs)
     destination = {s.name: torch.empty(s.shape, dtype=s.dtype) for s in specs} if dist.get_rank() == 0 else {}
     results = {"total_bytes": total_bytes}
-    for label, bucket_mb in BUCKETS_MB.items():
-        times = []
-        for _ in range(repeats):
-            dist.barrier()
-            start = time.perf_counter()
-            for bucket in stream_hf_buckets(model, layout, bucket_mb * MB):
-                for name, tensor in bucket:
-                    destination[name].copy_(tensor)
-            dist.barrier()
-            times.append(time.perf_counter() - start)
-        results[label] = min(times)
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0:  # the baseline, while the other ranks wait idle in the barrier below
         source, target = torch.ones(total_bytes // 4), torch.empty(total_bytes // 4)
         times = []
-        for _ in range(repeats):
+        for _ in range(2 * repeats + 1):  # the first copy also faults the target's pages in
             start = time.perf_counter()
             target.copy_(source)
             times.append(time.perf_counter() - start)
         results["memcpy"] = min(times)
+        del source, target
+    for label, bucket_mb in BUCKETS_MB.items():
+        for into_engine in (False, True):
+            times = []
+            for _ in range(repeats):
+                dist.barrier()
+                start = time.perf_counter()
+                for bucket in stream_hf_buckets(model, layout, bucket_mb * MB):
+                    for name, tensor in bucket if into_engine else ():
+                        destination[name].copy_(tensor)
+                dist.barrier()
+                times.append(time.perf_counter() - start)
+            results[f"{label}{' + engine copy' if into_engine else ''}"] = min(times)
+    if dist.get_rank() == 0:
         out.write_text(json.dumps(results))
     dist.destroy_process_group()
 
@@ -96,28 +93,22 @@ def main() -> None:
     if args.worker_out:
         worker(args.quick, args.repeats, args.worker_out)
         return
-    runs = {}
-    for allocator, extra_env in ALLOCATORS.items():
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "result.json"
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", __file__,
-                       "--repeats", str(args.repeats), "--worker-out", str(out)] + (["--quick"] if args.quick else [])
-            env = dict(os.environ, OMP_NUM_THREADS="1", **extra_env)
-            subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            runs[allocator] = json.loads(out.read_text())
-    total = runs["default allocator"]["total_bytes"]
-    print(f"model: {total / MB:.0f} MB of fp32 HF tensors; TP=2 x PP=2, 4 processes on one host (shared-memory "
-          f"transport), CPU; best of {args.repeats}")
-    for allocator, results in runs.items():
-        for label in BUCKETS_MB:
-            print(f"{allocator}, resharder, {label}: {results[label]:.3f} s, {total / 1e9 / results[label]:.2f} GB/s")
-        print(f"{allocator}, memcpy of the same bytes: {results['memcpy']:.3f} s, {total / 1e9 / results['memcpy']:.2f} GB/s")
-    default = runs["default allocator"]
-    reuse = runs["reused freed memory"]
-    print(f"per_tensor/bucketed time_ratio={default['per tensor'] / default['512 MB buckets (default)']:.2f}")
-    print(f"reused freed memory: resharder/memcpy throughput_ratio={reuse['memcpy'] / reuse['512 MB buckets (default)']:.3f}")
-    print(f"resharder/memcpy throughput_ratio={default['memcpy'] / default['512 MB buckets (default)']:.3f}")
-
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", __file__,
+                   "--repeats", str(args.repeats), "--worker-out", str(out)] + (["--quick"] if args.quick else [])
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        results = json.loads(out.read_text())
+    total = results["total_bytes"]
+    print(f"model: {total / MB:.0f} MB of fp32 HF tensors; TP=2 x PP=2, 4 processes on one host, CPU; best of {args.repeats}")
+    for label in results:
+        if label != "total_bytes":
+            print(f"{label}: {results[label]:.3f} s, {total / 1e9 / results[label]:.2f} GB/s")
+    default = "512 MB buckets (default)"
+    print(f"per_tensor/bucketed time_ratio={results['per tensor'] / results[default]:.2f}")
+    print(f"resharder+engine_copy/memcpy throughput_ratio={results['memcpy'] / results[default + ' + engine copy']:.3f}")
+    print(f"resharder/memcpy throughput_ratio={results['memcpy'] / results[default]:.3f}")
 
 if __name__ == "__main__":
     main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
 
@@ -16,6 +17,23 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def keep_freed_host_memory() -> None:
+    """Let glibc reuse freed host buffers (up to its 32 MB mmap ceiling) instead of returning them to the OS.
+
+    CPU jobs allocate and free hundreds of MB per step and per weight sync; by default buffers above
+    128 KB are fresh mappings whose pages fault in on first touch. No-op outside glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+
+
 def initialize_distributed(tensor_model_parallel_size: int, pipeline_model_parallel_size: int, seed: int) -> None:
     """Join (or, outside torchrun, create a one-process) job and build megatron's parallel groups."""
     if not dist.is_initialized():
@@ -26,6 +44,7 @@ def initialize_distributed(tensor_model_parallel_size: int, pipeline_model_paral
             from megatron_dapo.actor import cpu_compat
 
             cpu_compat.install()
+            keep_freed_host_memory()
             backend = "gloo"
         if "RANK" in os.environ:  # torchrun / srun: rendezvous from the environment
             dist.init_process_group(backend=backend)

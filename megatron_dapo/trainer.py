@@ -116,9 +116,8 @@ def export_hf(actor: MegatronActor, out_dir: Path, tokenizer, bucket_mb: int) ->
     tensors = (pair for bucket in actor.hf_buckets(bucket_mb * 1024**2) for pair in bucket)
     if is_rank_zero():
         write_hf_folder(specs, tensors, actor.hf_config, out_dir, tokenizer)
-    else:
-        for _ in tensors:  # take part in the collectives
-            pass
+    for _ in tensors:  # every rank runs the stream's collectives to its end (rank 0: past its last bucket)
+        pass
 
 
 def _evaluate(config: DapoConfig, engine: RolloutEngine | None, records, tokenizer) -> float | None:

@@ -298,5 +298,5 @@ class MegatronActor:
 
     def hf_state_dict(self, gradients: bool = False) -> dict[str, torch.Tensor] | None:
         """All HF-named weights (or gradients) on global rank 0, ``None`` elsewhere; collective."""
-        state = {name: t for bucket in self.hf_buckets(DEFAULT_BUCKET_BYTES, gradients=gradients) for name, t in bucket}
+        state = {name: t.clone() for bucket in self.hf_buckets(DEFAULT_BUCKET_BYTES, gradients=gradients) for name, t in bucket}
         return state if dist.get_rank() == 0 else None

@@ -15,7 +15,7 @@ reuses a send buffer (pitfall 15), then brings back the KV cache and CUDA graphs
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
 
@@ -44,15 +44,6 @@ def _by_dtype(bucket: Bucket) -> list[Bucket]:
     for name, tensor in bucket:
         groups.setdefault(tensor.dtype, []).append((name, tensor))
     return list(groups.values())
-
-
-def _with_last_flag(buckets: Iterable[Bucket]) -> Iterator[tuple[Bucket, bool]]:
-    iterator = iter(buckets)
-    current = next(iterator, None)
-    while current is not None:
-        following = next(iterator, None)
-        yield current, following is None
-        current = following
 
 
 class SGLangRolloutEngine(RolloutEngine):
@@ -106,20 +97,32 @@ class SGLangRolloutEngine(RolloutEngine):
         return samples
 
     def update_weights(self, buckets: Iterable[Bucket]) -> None:
+        """Send each bucket as one flattened payload per dtype; the cache is flushed with the last one.
+
+        A bucket is serialised (copied into fresh flat buffers) before the next one is requested — the
+        resharder may reuse a bucket's memory once it advances — and sent once the next bucket shows
+        whether it was the last.
+        """
         self.engine.tokenizer_manager.abort_request(abort_all=True)  # no request may see half-updated weights
         self.weight_version += 1
-        for bucket, is_last in _with_last_flag(buckets):
-            groups = _by_dtype(bucket)
-            for index, group in enumerate(groups):
-                payload = self.serialize(group)  # a fresh flat buffer per call: never overwritten while shared
-                self.engine.update_weights_from_tensor(
-                    named_tensors=[payload] * self.tp_size,
-                    load_format="flattened_bucket",
-                    flush_cache=is_last and index == len(groups) - 1,
-                )
-                del payload
-            self.ipc_collect()
+        pending = None
+        for bucket in buckets:
+            payloads = [self.serialize(group) for group in _by_dtype(bucket)]
+            if pending is not None:
+                self._send(pending, last=False)
+            pending = payloads
+        if pending is not None:
+            self._send(pending, last=True)
         self.engine.resume_memory_occupation(tags=MEMORY_TAGS_AFTER_SYNC)
+
+    def _send(self, payloads: list, last: bool) -> None:
+        for index, payload in enumerate(payloads):
+            self.engine.update_weights_from_tensor(
+                named_tensors=[payload] * self.tp_size,
+                load_format="flattened_bucket",
+                flush_cache=last and index == len(payloads) - 1,
+            )
+        self.ipc_collect()
 
     def release_memory(self) -> None:
         free_before = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -218,23 +218,37 @@ def hf_to_megatron(
     raise ValueError(f"unknown layout kind {kind!r}")
 
 
-def _cat(tensors: list[torch.Tensor] | tuple[torch.Tensor, ...], dim: int) -> torch.Tensor:
-    """``torch.cat``, without a copy for a single tensor (TP=1 and offline conversion stay copy-free)."""
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
+Allocate = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 
 
-def megatron_to_hf(mapping: ParamMapping, shards: list[torch.Tensor], layout: ModelLayout) -> list[torch.Tensor]:
-    """Merge all TP shards (in TP-rank order) of one Megatron parameter into its HF tensors (views when TP=1)."""
+def _cat(tensors: list[torch.Tensor] | tuple[torch.Tensor, ...], dim: int, allocate: Allocate | None) -> torch.Tensor:
+    """``torch.cat`` (into ``allocate``'s buffer when given), without a copy for a single tensor."""
+    if len(tensors) == 1:
+        return tensors[0]
+    if allocate is None:
+        return torch.cat(tensors, dim=dim)
+    shape = list(tensors[0].shape)
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    return torch.cat(tensors, dim=dim, out=allocate(tuple(shape), tensors[0].dtype))
+
+
+def megatron_to_hf(
+    mapping: ParamMapping, shards: list[torch.Tensor], layout: ModelLayout, allocate: Allocate | None = None
+) -> list[torch.Tensor]:
+    """Merge all TP shards (in TP-rank order) of one Megatron parameter into its HF tensors (views when TP=1).
+
+    ``allocate(shape, dtype)`` supplies the merge buffers (e.g. from a reused arena); default: fresh ones.
+    """
     kind = mapping.kind
     if kind == "replicated":
         return [shards[0]]
     if kind == "vocab":
-        return [_cat(shards, dim=0)[: layout.vocab_size]]
+        return [_cat(shards, 0, allocate)[: layout.vocab_size]]
     if kind == "row":
-        return [_cat(shards, dim=1)]
+        return [_cat(shards, 1, allocate)]
     if kind == "gate_up":
         gates, ups = zip(*(shard.chunk(2, dim=0) for shard in shards))
-        return [_cat(gates, dim=0), _cat(ups, dim=0)]
+        return [_cat(gates, 0, allocate), _cat(ups, 0, allocate)]
     if kind == "qkv":
-        return _split_qkv(_cat(shards, dim=0), layout)
+        return _split_qkv(_cat(shards, 0, allocate), layout)
     raise ValueError(f"unknown layout kind {kind!r}")

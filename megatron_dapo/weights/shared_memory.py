@@ -61,3 +61,30 @@ def same_host() -> bool:
     hosts = [None] * dist.get_world_size()
     dist.all_gather_object(hosts, os.uname().nodename)
     return len(set(hosts)) == 1
+
+
+class Arena:
+    """A reused host buffer handing out tensors for one bucket at a time (pages fault in once)."""
+
+    ALIGN = 64
+
+    def __init__(self) -> None:
+        self.buffer = torch.empty(0, dtype=torch.uint8)
+        self.used = 0
+
+    def reserve(self, nbytes: int) -> None:
+        """Make room for ``nbytes`` (plus alignment) and start a new bucket."""
+        if self.buffer.numel() < nbytes:
+            self.buffer = torch.empty(nbytes, dtype=torch.uint8)
+        self.used = 0
+
+    def allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        numel = 1
+        for size in shape:
+            numel *= size
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        start = -(-self.used // self.ALIGN) * self.ALIGN
+        if start + nbytes > self.buffer.numel():
+            return torch.empty(shape, dtype=dtype)  # larger than planned: a fresh buffer
+        self.used = start + nbytes
+        return self.buffer[start : start + nbytes].view(dtype).view(shape)

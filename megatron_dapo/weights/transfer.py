@@ -27,7 +27,7 @@ from megatron_dapo.weights.hf_mapping import (
     param_mapping,
 )
 from megatron_dapo.weights.safetensors_io import SafetensorsReader, TensorSpec
-from megatron_dapo.weights.shared_memory import SharedRegions, same_host
+from megatron_dapo.weights.shared_memory import Arena, SharedRegions, same_host
 
 __all__ = ["CheckpointMismatchError", "load_hf_checkpoint", "stream_hf_buckets", "unwrap", "local_param_mappings"]
 
@@ -176,7 +176,8 @@ def stream_hf_buckets(
 
     Buckets arrive on global rank 0 only, or on every rank with ``to_all_ranks`` (colocated engines that
     each need every tensor); other ranks' iterators yield nothing. ``tensor_of`` picks what is gathered
-    (``lambda p: p.main_grad`` gathers gradients). Each yielded bucket owns fresh buffers.
+    (``lambda p: p.main_grad`` gathers gradients). A bucket's tensors are only valid until the iterator
+    advances (they may live in reused buffers): consume or copy them first.
 
     Transport: when every rank is a CPU process on one host and buckets go to rank 0, the shards travel
     through shared memory (written once by their owners, merged once by rank 0); otherwise TP shards are
@@ -226,12 +227,13 @@ def _stream_through_collectives(model, layout, buckets, to_all_ranks, device, te
 
 
 _REGIONS = SharedRegions()
+_ARENA = Arena()
 
 
 def _stream_through_shared_memory(model, layout, buckets, dtype, tensor_of) -> Iterator[Bucket]:
     """Owners (data-parallel rank 0 of each stage, every TP rank) write their shards of a bucket into their
-    shared region; rank 0 merges them into fresh HF tensors; two barriers per bucket keep a region from
-    being overwritten while it is read (pitfall 15's rule, on CPU)."""
+    shared region; rank 0 merges them into a reused arena and yields views. Two barriers per bucket keep
+    a region from being overwritten while it is read (pitfall 15's rule, on CPU)."""
     exported = _exported(model, layout)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     owner = parallel_state.get_data_parallel_rank() == 0
@@ -250,20 +252,18 @@ def _stream_through_shared_memory(model, layout, buckets, dtype, tensor_of) -> I
                 _REGIONS.view(dist.get_rank(), offset, entry.shard.shape, entry.shard.dtype).copy_(tensor_of(exported[entry.index][0]))
                 offset += entry.shard.nbytes
         dist.barrier()
-        named: Bucket = []
         if dist.get_rank() == 0:
+            _ARENA.reserve(sum(spec.nbytes + Arena.ALIGN for entry in bucket for spec in entry.specs))
+            named: Bucket = []
             offset = 0
             for entry in bucket:
                 ranks = [owner_rank[(stage, tp)] for tp in range(tp_size if entry.tp_sharded else 1)]
                 shards = [_REGIONS.view(rank, offset, entry.shard.shape, entry.shard.dtype) for rank in ranks]
                 offset += entry.shard.nbytes
-                tensors = megatron_to_hf(entry.mapping, shards, layout)
-                for spec, tensor in zip(entry.specs, tensors):  # a single shard comes back as a view: copy it
-                    fresh = tensor.to(spec.dtype, copy=len(shards) == 1)
-                    named.append((spec.name, fresh))
+                tensors = megatron_to_hf(entry.mapping, shards, layout, _ARENA.allocate)
+                named += [(spec.name, tensor.to(spec.dtype)) for spec, tensor in zip(entry.specs, tensors)]
+            yield named  # views into the regions and the arena: the owners wait below until it is consumed
         dist.barrier()
-        if dist.get_rank() == 0:
-            yield named
 
 
 def hf_specs(model: torch.nn.Module, layout: ModelLayout, dtype: torch.dtype = torch.float32) -> list[TensorSpec]:

@@ -115,3 +115,17 @@ def test_real_sglang_engine_updates_weights(tmp_path):
     after = engine.generate([[1, 2, 3]], n=1, temperature=1e-5, top_p=1.0, max_new_tokens=4)
     assert before[0].token_ids != after[0].token_ids or before[0].logprobs != after[0].logprobs
     engine.engine.shutdown()
+
+
+def test_each_bucket_is_serialised_before_the_resharder_reuses_its_memory():
+    adapter, _ = _adapter(tp_size=1)
+    buffer = torch.zeros(3)
+
+    def reusing_buckets():  # like the resharder: one buffer, refilled for every bucket
+        for value in range(3):
+            buffer.fill_(value)
+            yield [("w", buffer)]
+
+    adapter.update_weights(reusing_buckets())
+    sent = [c[1][0]["flat"] for c in adapter.engine.calls if c[0] == "update_weights_from_tensor"]
+    assert [t.tolist() for t in sent] == [[0.0] * 3, [1.0] * 3, [2.0] * 3]
