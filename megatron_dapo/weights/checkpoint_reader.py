@@ -211,10 +211,9 @@ def read_hf_tensors(
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for key, layer in order:
             mapping = checkpoint_param_mapping(key, layer, layout)
-            megatron_tensor = _read(checkpoint_dir, key, layer, metadata[key])
-            for name, tensor in zip(mapping.hf_names, megatron_to_hf(mapping, [megatron_tensor], layout)):
-                yield name, tensor
-            del megatron_tensor
+            hf_tensors = megatron_to_hf(mapping, [_read(checkpoint_dir, key, layer, metadata[key])], layout)
+            for name in mapping.hf_names:
+                yield name, hf_tensors.pop(0)  # nothing here keeps a tensor alive once it is written
 
     return specs, tensors()
 

@@ -49,6 +49,7 @@ def write_hf_folder(
         for spec in shard:
             name, tensor = next(tensors)
             writer.write(name, tensor.to(spec.dtype))
+            del tensor  # free it before the next one is produced
             weight_map[name] = file_name
             bar.update(spec.nbytes)
         writer.close()
