@@ -2,9 +2,10 @@
 
 ``load_hf_checkpoint`` fills this rank's shards from an HF safetensors folder, reading only the slices its
 TP rank and pipeline stage need. ``stream_hf_buckets`` is the in-job resharder: it gathers TP shards and
-pipeline stages into full HF tensors in buckets of ``bucket_bytes`` (one flat buffer per dtype per bucket,
-one transfer each), so no rank ever holds more than one bucket of the full model. The rollout-engine sync,
-the HF export and the gradient-parity tests all go through it.
+pipeline stages into full HF tensors in buckets of ``bucket_bytes``, so no rank ever holds more than one
+bucket of the full model — through shared memory when all ranks are CPU processes of one host, otherwise
+through collectives (one flat buffer per dtype per bucket and pipeline hop). The rollout-engine sync, the
+HF export and the gradient-parity tests all go through it.
 """
 
 from __future__ import annotations
@@ -106,10 +107,12 @@ def _hf_specs(param: torch.Tensor, mapping: ParamMapping, layout: ModelLayout, d
 
 
 def hf_plan(
-    model: torch.nn.Module, layout: ModelLayout, dtype: torch.dtype, tensor_of: Callable[[torch.nn.Parameter], torch.Tensor] = None
+    model: torch.nn.Module,
+    layout: ModelLayout,
+    dtype: torch.dtype,
+    tensor_of: Callable[[torch.nn.Parameter], torch.Tensor] = _weights,
 ) -> list[_Entry]:
     """Every exported parameter of every stage, in stage order (collective over the pipeline group)."""
-    tensor_of = tensor_of or _weights
     local = []
     for param, mapping in _exported(model, layout):
         shard = tensor_of(param)
