@@ -47,12 +47,13 @@ def split_batch(batch: dict[str, torch.Tensor], chunk_size: int) -> list[dict[st
 
 
 def padding_aware_micro_batches(
-    batch: dict[str, torch.Tensor], micro_batch_size: int, width_multiple: int = 1
+    batch: dict[str, torch.Tensor], micro_batch_size: int, width_multiple: int = 1, uniform_width: bool = False
 ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
     """Micro-batches of samples sorted by length, each cut to its own longest sample.
 
     A sample's length ends at its last ``loss_mask`` position (later positions affect nothing that is
-    trained or logged). Widths are rounded up to ``width_multiple`` (TP size under sequence parallelism).
+    trained or logged). Widths are rounded up to ``width_multiple`` (TP size under sequence parallelism);
+    with ``uniform_width`` every micro-batch gets the longest sample's width (interleaved pipelines).
     Returns the micro-batches and ``order``: micro-batch rows concatenated are ``batch`` rows ``order``.
     """
     mask = batch["loss_mask"]
@@ -62,7 +63,7 @@ def padding_aware_micro_batches(
     sorted_batch = {k: v[order] for k, v in batch.items()}
     micro_batches = []
     for start in range(0, len(order), micro_batch_size):
-        longest = int(lengths[order[start : start + micro_batch_size]].max())
+        longest = int(lengths.max() if uniform_width else lengths[order[start : start + micro_batch_size]].max())
         width = -(-longest // width_multiple) * width_multiple
         micro_batches.append({k: _fit_width(v[start : start + micro_batch_size], width) for k, v in sorted_batch.items()})
     return micro_batches, order

@@ -16,7 +16,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.optimizer import MegatronOptimizer
@@ -32,16 +31,20 @@ from megatron_dapo.weights.checkpoint_reader import (  # noqa: F401 (re-exported
 )
 from megatron_dapo.weights.hf_mapping import CheckpointMismatchError
 from megatron_dapo.weights.model_identity import check_same_model
-from megatron_dapo.weights.transfer import unwrap
+from megatron_dapo.weights.transfer import ModelChunks, chunks_of, unwrap
 
 # The distributed optimizer's default sharding fails on CPU ("flattened_range is not supported");
 # "fully_reshardable" also lets its state load under another DP size.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-def model_sharded_state_dict(model: torch.nn.Module) -> dict:
-    """The model's sharded state dict without ``_extra_state`` entries."""
-    return {k: v for k, v in unwrap(model).sharded_state_dict().items() if not k.endswith("_extra_state")}
+def model_sharded_state_dict(model: ModelChunks) -> dict:
+    """``{"model": ...}`` (``{"model0": ..., "model1": ...}`` for interleaved chunks) without ``_extra_state``."""
+    states = [
+        {k: v for k, v in unwrap(chunk).sharded_state_dict().items() if not k.endswith("_extra_state")}
+        for chunk in chunks_of(model)
+    ]
+    return {"model": states[0]} if len(states) == 1 else {f"model{i}": state for i, state in enumerate(states)}
 
 
 def save_checkpoint(
@@ -53,9 +56,9 @@ def save_checkpoint(
         shutil.rmtree(path, ignore_errors=True)  # left by a job killed while saving: never the latest
         path.mkdir(parents=True)
     dist.barrier()
-    model_state = model_sharded_state_dict(actor.model)
+    model_state = model_sharded_state_dict(actor.model_chunks)
     state = {
-        "model": model_state,
+        **model_state,
         "optimizer": actor.optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_METADATA),
         "scheduler": actor.scheduler.state_dict(),
         "trainer": trainer_state,
@@ -71,7 +74,7 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    model: torch.nn.Module,
+    model: ModelChunks,
     hf_config: PretrainedConfig,
     path: str | Path,
     optimizer: MegatronOptimizer | None = None,
@@ -87,14 +90,15 @@ def load_checkpoint(
     if saved_config.exists():
         check_same_model(hf_config, AutoConfig.from_pretrained(saved_config), f"checkpoint {path}")
     model_state = model_sharded_state_dict(model)
-    request = {"model": model_state}
+    request = dict(model_state)
     if optimizer is not None:
         request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_METADATA)
     loaded = dist_checkpointing.load(request, str(path))
-    missing, unexpected = unwrap(model).load_state_dict(loaded["model"], strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise CheckpointMismatchError(f"checkpoint {path}: missing {missing}, unexpected {unexpected}")
+    for chunk, key in zip(chunks_of(model), model_state):
+        missing, unexpected = unwrap(chunk).load_state_dict(loaded[key], strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise CheckpointMismatchError(f"checkpoint {path}: missing {missing}, unexpected {unexpected}")
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:

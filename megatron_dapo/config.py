@@ -49,6 +49,7 @@ class ToyModelConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None  # model chunks per pipeline rank (interleaved 1F1B)
     sequence_parallel: bool = False  # with TP > 1: norms/dropout on sequence shards, activations 1/TP
     use_distributed_optimizer: bool = False  # optimizer state and fp32 master weights sharded over DP
     micro_batch_size: int = 8  # samples per micro-batch (padding-aware: sorted by length, cut to the longest)
@@ -165,6 +166,17 @@ class DapoConfig:
                 f"algorithm.mini_batch_size={alg.mini_batch_size} must be divisible by parallel.micro_batch_size × "
                 f"data-parallel size = {par.micro_batch_size} × {dp}"
             )
+        vpp = par.virtual_pipeline_model_parallel_size
+        if vpp is not None and vpp > 1:
+            if par.pipeline_model_parallel_size < 2:
+                raise ConfigError("parallel.virtual_pipeline_model_parallel_size needs parallel.pipeline_model_parallel_size > 1")
+            micro_batches = alg.mini_batch_size // (par.micro_batch_size * dp)
+            if micro_batches % par.pipeline_model_parallel_size:
+                raise ConfigError(
+                    f"interleaved pipeline: the {micro_batches} micro-batches per data-parallel rank and step "
+                    f"(algorithm.mini_batch_size / (parallel.micro_batch_size × DP)) must be a multiple of "
+                    f"parallel.pipeline_model_parallel_size={par.pipeline_model_parallel_size}"
+                )
         if alg.loss_agg_mode not in LOSS_AGG_MODES:
             raise ConfigError(f"algorithm.loss_agg_mode={alg.loss_agg_mode!r} must be one of {LOSS_AGG_MODES}")
         if alg.overlong_buffer_enable and not 0 < alg.overlong_buffer_len <= ro.max_response_length:

@@ -34,7 +34,12 @@ def keep_freed_host_memory() -> None:
     libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
 
 
-def initialize_distributed(tensor_model_parallel_size: int, pipeline_model_parallel_size: int, seed: int) -> None:
+def initialize_distributed(
+    tensor_model_parallel_size: int,
+    pipeline_model_parallel_size: int,
+    seed: int,
+    virtual_pipeline_model_parallel_size: int | None = None,
+) -> None:
     """Join (or, outside torchrun, create a one-process) job and build megatron's parallel groups."""
     if not dist.is_initialized():
         if torch.cuda.is_available():
@@ -54,6 +59,7 @@ def initialize_distributed(tensor_model_parallel_size: int, pipeline_model_paral
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_model_parallel_size,
             pipeline_model_parallel_size=pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 

@@ -112,7 +112,7 @@ def sync_weights(actor: MegatronActor, engine: RolloutEngine | None, config: Dap
 
 def export_hf(actor: MegatronActor, out_dir: Path, tokenizer, bucket_mb: int) -> None:
     """Write the actor's weights as a Hugging Face folder on rank 0, streamed bucket by bucket (collective)."""
-    specs = hf_specs(actor.model, actor.layout)
+    specs = hf_specs(actor.model_chunks, actor.layout)
     tensors = (pair for bucket in actor.hf_buckets(bucket_mb * 1024**2) for pair in bucket)
     if is_rank_zero():
         write_hf_folder(specs, tensors, actor.hf_config, out_dir, tokenizer)
@@ -180,7 +180,12 @@ def _mean_metrics(updates: list[dict[str, float]]) -> dict[str, float]:
 def train(config: DapoConfig) -> tuple[float | None, float | None]:
     """Run DAPO as configured; returns held-out accuracy ``(before, after)`` (None without validation data)."""
     par, alg, ro = config.parallel, config.algorithm, config.rollout
-    initialize_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, config.trainer.seed)
+    initialize_distributed(
+        par.tensor_model_parallel_size,
+        par.pipeline_model_parallel_size,
+        config.trainer.seed,
+        par.virtual_pipeline_model_parallel_size,
+    )
     config.validate(dist.get_world_size())
     torch.manual_seed(config.trainer.seed)
     hf_dir, train_files, val_files = prepare_inputs(config)

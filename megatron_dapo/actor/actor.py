@@ -82,14 +82,21 @@ class MegatronActor:
             par.tensor_model_parallel_size,
             par.pipeline_model_parallel_size,
             sequence_parallel=par.sequence_parallel,
+            vpp_size=par.virtual_pipeline_model_parallel_size,
         )
-        model = self._build_and_load(hf_dir)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=par.use_distributed_optimizer
         )
-        self.model = DistributedDataParallel(config=self.transformer_config, ddp_config=ddp_config, module=model)
+        # One chunk, or one per virtual pipeline stage; only the first chunk's gradients are bucketed.
+        self.model_chunks = [
+            DistributedDataParallel(
+                config=self.transformer_config, ddp_config=ddp_config, module=chunk, disable_bucketing=index > 0
+            )
+            for index, chunk in enumerate(self._build_and_load(hf_dir))
+        ]
         self.transformer_config.finalize_model_grads_func = finalize_model_grads
-        self.transformer_config.no_sync_func = self.model.no_sync
+        no_sync = [chunk.no_sync for chunk in self.model_chunks]
+        self.transformer_config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
         opt = config.optimizer
         self.optimizer = get_megatron_optimizer(
             MegatronOptimizerConfig(
@@ -104,7 +111,7 @@ class MegatronActor:
                 params_dtype=torch.float32,
                 use_distributed_optimizer=par.use_distributed_optimizer,
             ),
-            [self.model],
+            self.model_chunks,
         )
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
@@ -119,16 +126,19 @@ class MegatronActor:
             wd_incr_steps=max(total_steps, 1),
             wd_incr_style="constant",
         )
-        self.ref_model = self._build_and_load(hf_dir).eval() if config.algorithm.kl_coef > 0 else None
+        self.ref_chunks = [c.eval() for c in self._build_and_load(hf_dir)] if config.algorithm.kl_coef > 0 else None
 
-    def _build_and_load(self, hf_dir: str) -> torch.nn.Module:
-        """This rank's stage, filled from ``model.megatron_checkpoint`` when set, else from the HF weights."""
-        model = build_gpt_model(self.hf_config, self.transformer_config, self.config.model.make_vocab_size_divisible_by)
+    def _build_and_load(self, hf_dir: str) -> list[torch.nn.Module]:
+        """This rank's model chunks, filled from ``model.megatron_checkpoint`` when set, else from the HF weights."""
+        vpp = self.transformer_config.virtual_pipeline_model_parallel_size
+        stages = range(vpp) if vpp else [None]
+        divisible_by = self.config.model.make_vocab_size_divisible_by
+        chunks = [build_gpt_model(self.hf_config, self.transformer_config, divisible_by, vp_stage) for vp_stage in stages]
         if self.config.model.megatron_checkpoint:
-            load_checkpoint(model, self.hf_config, self.config.model.megatron_checkpoint)
+            load_checkpoint(chunks, self.hf_config, self.config.model.megatron_checkpoint)
         else:
-            load_hf_checkpoint(model, hf_dir, self.layout)
-        return model
+            load_hf_checkpoint(chunks, hf_dir, self.layout)
+        return chunks
 
     def load_checkpoint(self, path: str) -> dict | None:
         """Resume model, optimizer and LR scheduler from a checkpoint (any layout); the saved trainer state."""
@@ -138,7 +148,7 @@ class MegatronActor:
                 "torch-AdamW fallback (no Transformer Engine/Apex) cannot load distributed-optimizer state; "
                 "resume on a GPU host, or set trainer.resume=false to start over"
             )
-        return load_checkpoint(self.model, self.hf_config, path, self.optimizer, self.scheduler)
+        return load_checkpoint(self.model_chunks, self.hf_config, path, self.optimizer, self.scheduler)
 
     # ------------------------------------------------------------------ forward and per-token log-probs
     def _forward(self, model: torch.nn.Module, micro_batch: Batch) -> torch.Tensor:
@@ -177,12 +187,18 @@ class MegatronActor:
 
     # ------------------------------------------------------------------ schedule
     def _micro_batches(self, batch: Batch) -> tuple[list[Batch], torch.Tensor]:
-        """This DP rank's padding-aware micro-batches (see ``padding_aware_micro_batches``) and their order."""
-        multiple = parallel_state.get_tensor_model_parallel_world_size() if self.transformer_config.sequence_parallel else 1
-        return padding_aware_micro_batches(_data_parallel_slice(batch), self.config.parallel.micro_batch_size, multiple)
+        """This DP rank's padding-aware micro-batches (see ``padding_aware_micro_batches``) and their order.
 
-    def _run_schedule(self, model: torch.nn.Module, micro: list[Batch], loss_func, forward_only: bool) -> list[dict]:
-        """Megatron's forward/backward schedule (1F1B under PP) over ``micro``; last stage's loss outputs."""
+        The interleaved schedule needs one shape for all micro-batches: they share the longest one's width.
+        """
+        multiple = parallel_state.get_tensor_model_parallel_world_size() if self.transformer_config.sequence_parallel else 1
+        uniform = len(self.model_chunks) > 1
+        local = _data_parallel_slice(batch)
+        return padding_aware_micro_batches(local, self.config.parallel.micro_batch_size, multiple, uniform)
+
+    def _run_schedule(self, chunks: list[torch.nn.Module], micro: list[Batch], loss_func, forward_only: bool) -> list[dict]:
+        """Megatron's forward/backward schedule (1F1B under PP, interleaved with model chunks) over ``micro``;
+        the last stage's loss outputs."""
 
         def forward_step(data_iterator: Iterator[Batch], model_chunk: torch.nn.Module):
             micro_batch = next(data_iterator)
@@ -190,8 +206,8 @@ class MegatronActor:
 
         return get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=iter(micro),
-            model=[model],
+            data_iterator=[iter(micro) for _ in chunks] if len(chunks) > 1 else iter(micro),
+            model=chunks,
             num_microbatches=len(micro),
             seq_length=max(m["input_ids"].shape[1] for m in micro),
             micro_batch_size=self.config.parallel.micro_batch_size,
@@ -207,10 +223,11 @@ class MegatronActor:
 
         Positions after a sample's last ``loss_mask`` token are 0 (they are cut from its micro-batch).
         """
-        model = self.ref_model if use_reference else self.model
-        model.eval()
+        chunks = self.ref_chunks if use_reference else self.model_chunks
+        for chunk in chunks:
+            chunk.eval()
         micro, order = self._micro_batches({k: batch[k] for k in ("input_ids", "labels", "loss_mask")})
-        outputs = self._run_schedule(model, micro, partial(self._logprob_loss_func, temperature=temperature), True)
+        outputs = self._run_schedule(chunks, micro, partial(self._logprob_loss_func, temperature=temperature), True)
         width = batch["input_ids"].shape[1]
         shape = (len(order), width)
         if parallel_state.is_pipeline_last_stage():
@@ -253,11 +270,12 @@ class MegatronActor:
         and DP ranks and ``finalize_model_grads`` divides by the step's token count: the gradient is the
         full batch's whatever the layout or micro-batch split. Returns the step's loss metric sums.
         """
-        self.model.train()
-        self.model.zero_grad_buffer()
+        for chunk in self.model_chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         micro, _ = self._micro_batches(batch)
-        outputs = self._run_schedule(self.model, micro, self._policy_loss_func, False)
+        outputs = self._run_schedule(self.model_chunks, micro, self._policy_loss_func, False)
         sums = torch.zeros(len(METRIC_SUM_KEYS), dtype=torch.float64)
         if parallel_state.is_pipeline_last_stage():
             for output in outputs:
@@ -294,7 +312,7 @@ class MegatronActor:
     ) -> Iterator[Bucket]:
         """Full HF-named weights (or, with ``gradients``, their gradients) in buckets; collective."""
         tensor_of = (lambda p: p.main_grad) if gradients else (lambda p: p.detach())
-        return stream_hf_buckets(self.model, self.layout, bucket_bytes, to_all_ranks, dtype, tensor_of)
+        return stream_hf_buckets(self.model_chunks, self.layout, bucket_bytes, to_all_ranks, dtype, tensor_of)
 
     def hf_state_dict(self, gradients: bool = False) -> dict[str, torch.Tensor] | None:
         """All HF-named weights (or gradients) on global rank 0, ``None`` elsewhere; collective."""

@@ -47,7 +47,7 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
 
-def layer_spec(config: TransformerConfig) -> ModuleSpec | TransformerBlockSubmodules:
+def layer_spec(config: TransformerConfig, vp_stage: int | None = None) -> ModuleSpec | TransformerBlockSubmodules:
     """Transformer Engine's layer spec on GPU, megatron-core's local spec otherwise.
 
     Under sequence parallelism the local spec's norms (per layer and final) are ``SequenceParallelRMSNorm``.
@@ -63,10 +63,10 @@ def layer_spec(config: TransformerConfig) -> ModuleSpec | TransformerBlockSubmod
     layer = dataclasses.replace(
         spec, submodules=dataclasses.replace(spec.submodules, input_layernorm=norm, pre_mlp_layernorm=norm)
     )
-    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=norm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage), layer_norm=norm)
 
 
-def validate_hf_config(hf_config: PretrainedConfig, tp_size: int, pp_size: int) -> None:
+def validate_hf_config(hf_config: PretrainedConfig, tp_size: int, pp_size: int, vpp_size: int | None = None) -> None:
     """Refuse HF configs this actor cannot represent, naming the field and the fix."""
     if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
@@ -78,10 +78,10 @@ def validate_hf_config(hf_config: PretrainedConfig, tp_size: int, pp_size: int) 
             f"parallel.tensor_model_parallel_size={tp_size} must divide num_attention_heads={heads} "
             f"and num_key_value_heads={groups} of the model config; choose a divisor of {groups}"
         )
-    if hf_config.num_hidden_layers % pp_size:
+    if hf_config.num_hidden_layers % (pp_size * (vpp_size or 1)):
         raise ConfigError(
-            f"parallel.pipeline_model_parallel_size={pp_size} must divide "
-            f"num_hidden_layers={hf_config.num_hidden_layers} of the model config"
+            f"parallel.pipeline_model_parallel_size={pp_size} × parallel.virtual_pipeline_model_parallel_size="
+            f"{vpp_size or 1} must divide num_hidden_layers={hf_config.num_hidden_layers} of the model config"
         )
     rope_theta(hf_config)  # present and plausible
     rope_type = (getattr(hf_config, "rope_parameters", None) or {}).get("rope_type", "default")
@@ -106,12 +106,15 @@ def transformer_config_from_hf(
     pp_size: int,
     params_dtype: torch.dtype = torch.float32,
     sequence_parallel: bool = False,
+    vpp_size: int | None = None,
 ) -> TransformerConfig:
     """megatron-core ``TransformerConfig`` equivalent to a Qwen2/Llama HF config, with per-token loss on.
 
-    Micro-batches may differ in length (padding-aware micro-batching): with PP their shapes are exchanged.
+    Micro-batches may differ in length (padding-aware micro-batching): with PP their shapes are exchanged;
+    the interleaved schedule needs one shape for all of them.
     """
-    validate_hf_config(hf_config, tp_size, pp_size)
+    vpp_size = vpp_size if vpp_size and vpp_size > 1 else None
+    validate_hf_config(hf_config, tp_size, pp_size, vpp_size)
     eps = hf_config.rms_norm_eps
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1e-2:
         raise ConfigError(f"model config field 'rms_norm_eps' is {eps!r}; expected a small positive number (Qwen2.5-32B: 1e-05)")
@@ -143,26 +146,32 @@ def transformer_config_from_hf(
         pipeline_dtype=params_dtype,
         tensor_model_parallel_size=tp_size,
         pipeline_model_parallel_size=pp_size,
+        virtual_pipeline_model_parallel_size=vpp_size,
         calculate_per_token_loss=True,
         sequence_parallel=sequence_parallel and tp_size > 1,
-        variable_seq_lengths=pp_size > 1,
+        variable_seq_lengths=pp_size > 1 and vpp_size is None,  # interleaving: one width for all micro-batches
         moe_token_dispatcher_type="alltoall",  # megatron refuses its default ("allgather") with variable lengths
+        # gloo: batched isend/irecv pairs up wrongly in the interleaved steady state (wrong activations,
+        # measured); single ops are ordered. NCCL keeps megatron's default.
+        batch_p2p_comm=on_gpu,
     )
 
 
 def build_gpt_model(
-    hf_config: PretrainedConfig, config: TransformerConfig, make_vocab_size_divisible_by: int
+    hf_config: PretrainedConfig, config: TransformerConfig, make_vocab_size_divisible_by: int, vp_stage: int | None = None
 ) -> GPTModel:
-    """This rank's ``GPTModel`` stage; RoPE base and tied embeddings come from the HF config."""
+    """This rank's ``GPTModel`` stage (model chunk ``vp_stage`` under interleaving); RoPE base and tied
+    embeddings come from the HF config."""
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(config),
+        transformer_layer_spec=layer_spec(config, vp_stage),
         vocab_size=padded_vocab_size(hf_config.vocab_size, make_vocab_size_divisible_by, tp_size),
         max_sequence_length=hf_config.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
         position_embedding_type="rope",
         rotary_base=rope_theta(hf_config),
+        vp_stage=vp_stage,
     )

@@ -36,6 +36,9 @@ DEFAULT_BUCKET_BYTES = 512 * 1024**2
 Bucket = list[tuple[str, torch.Tensor]]
 
 
+ModelChunks = torch.nn.Module | list[torch.nn.Module]
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare ``GPTModel`` inside DDP / Float16 wrappers."""
     while hasattr(model, "module"):
@@ -43,18 +46,24 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def local_param_mappings(model: torch.nn.Module, layout: ModelLayout) -> Iterator[tuple[torch.nn.Parameter, ParamMapping]]:
-    """Each parameter of this rank's stage with its HF mapping (global layer indices via ``layer_number``)."""
-    gpt = unwrap(model)
-    for name, param in gpt.named_parameters():
-        layer_index = None
-        if name.startswith("decoder.layers."):
-            local_index = int(name.split(".")[2])
-            layer_index = gpt.decoder.layers[local_index].layer_number - 1
-        yield param, param_mapping(name, layer_index, layout)
+def chunks_of(model: ModelChunks) -> list[torch.nn.Module]:
+    """This rank's model chunks: one, or one per virtual pipeline stage (interleaved schedule)."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
-def load_weights(model: torch.nn.Module, reader: TensorReader, layout: ModelLayout, source: str) -> None:
+def local_param_mappings(model: ModelChunks, layout: ModelLayout) -> Iterator[tuple[torch.nn.Parameter, ParamMapping]]:
+    """Each parameter of this rank's chunks with its HF mapping (global layer indices via ``layer_number``)."""
+    for chunk in chunks_of(model):
+        gpt = unwrap(chunk)
+        for name, param in gpt.named_parameters():
+            layer_index = None
+            if name.startswith("decoder.layers."):
+                local_index = int(name.split(".")[2])
+                layer_index = gpt.decoder.layers[local_index].layer_number - 1
+            yield param, param_mapping(name, layer_index, layout)
+
+
+def load_weights(model: ModelChunks, reader: TensorReader, layout: ModelLayout, source: str) -> None:
     """Copy HF weights from ``reader`` into this rank's Megatron shards, refusing shape mismatches."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
@@ -69,7 +78,7 @@ def load_weights(model: torch.nn.Module, reader: TensorReader, layout: ModelLayo
             param.copy_(shard)
 
 
-def load_hf_checkpoint(model: torch.nn.Module, hf_dir: str | Path, layout: ModelLayout) -> None:
+def load_hf_checkpoint(model: ModelChunks, hf_dir: str | Path, layout: ModelLayout) -> None:
     """Fill this rank's shards from an HF safetensors folder (only the slices this rank needs are read)."""
     load_weights(model, SafetensorsReader(hf_dir), layout, str(hf_dir))
 
@@ -91,7 +100,7 @@ class _Entry:
     mapping: ParamMapping
 
 
-def _exported(model: torch.nn.Module, layout: ModelLayout) -> list[tuple[torch.nn.Parameter, ParamMapping]]:
+def _exported(model: ModelChunks, layout: ModelLayout) -> list[tuple[torch.nn.Parameter, ParamMapping]]:
     """The stage's parameters that appear in the HF checkpoint (a tied output layer is the embedding)."""
     return [
         (param, mapping)
@@ -107,7 +116,7 @@ def _hf_specs(param: torch.Tensor, mapping: ParamMapping, layout: ModelLayout, d
 
 
 def hf_plan(
-    model: torch.nn.Module,
+    model: ModelChunks,
     layout: ModelLayout,
     dtype: torch.dtype,
     tensor_of: Callable[[torch.nn.Parameter], torch.Tensor] = _weights,
@@ -168,7 +177,7 @@ def _unflatten(specs: list[TensorSpec], buffers: dict[torch.dtype, torch.Tensor]
 
 
 def stream_hf_buckets(
-    model: torch.nn.Module,
+    model: ModelChunks,
     layout: ModelLayout,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     to_all_ranks: bool = False,
@@ -188,7 +197,7 @@ def stream_hf_buckets(
     """
     plan = hf_plan(model, layout, dtype, tensor_of)
     buckets = _buckets(plan, bucket_bytes)
-    device = next(unwrap(model).parameters()).device
+    device = next(unwrap(chunks_of(model)[0]).parameters()).device
     if not to_all_ranks and device.type == "cpu" and dist.get_world_size() > 1 and same_host():
         return _stream_through_shared_memory(model, layout, buckets, dtype, tensor_of)
     return _stream_through_collectives(model, layout, buckets, to_all_ranks, device, tensor_of)
@@ -269,7 +278,7 @@ def _stream_through_shared_memory(model, layout, buckets, dtype, tensor_of) -> I
         dist.barrier()
 
 
-def hf_specs(model: torch.nn.Module, layout: ModelLayout, dtype: torch.dtype = torch.float32) -> list[TensorSpec]:
+def hf_specs(model: ModelChunks, layout: ModelLayout, dtype: torch.dtype = torch.float32) -> list[TensorSpec]:
     """Names, shapes and dtypes of the full HF tensors, in ``stream_hf_buckets`` order (collective)."""
     return [spec for entry in hf_plan(model, layout, dtype) for spec in entry.specs]
 

@@ -62,7 +62,7 @@ def test_logprobs_match_transformers(megatron_world, tmp_path, tied, temperature
 
 def _megatron_grads_by_hf_name(actor):
     grads = {}
-    for param, mapping in local_param_mappings(actor.model, actor.layout):
+    for param, mapping in local_param_mappings(actor.model_chunks, actor.layout):
         if mapping.megatron_name == "output_layer.weight" and actor.layout.tie_word_embeddings:
             continue
         for name, grad in zip(mapping.hf_names, megatron_to_hf(mapping, [param.main_grad], actor.layout)):

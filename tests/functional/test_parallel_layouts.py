@@ -1,4 +1,4 @@
-"""Issue 3: under TP, PP, DP, TP×PP (4 processes, gloo) and 4 micro-batches per rank, the actor's log-probs,
+"""Issue 3: under TP, PP, DP, TP×PP, interleaved PP (4 processes, gloo) and 4 micro-batches per rank, the actor's log-probs,
 DAPO loss and every parameter's gradient equal the single-process, single-batch ``transformers`` reference.
 
 The batch mixes responses of 1 to 37 tokens (the case that breaks per-micro-batch normalisation).
@@ -21,6 +21,7 @@ LAYOUTS = {
     "tp2-dp2-sp-fused_linear": ["--tp", "2", "--micro", "2", "--sp", "--loss-impl", "fused_linear"],
     "pp2-dp2-naive": ["--pp", "2", "--micro", "2", "--loss-impl", "naive"],
     "tp2-pp2-fused": ["--tp", "2", "--pp", "2", "--micro", "4"],
+    "pp2-vpp2-dp2-interleaved": ["--pp", "2", "--vpp", "2", "--micro", "2"],
 }
 MODES = ("token-mean", "seq-mean-token-mean")
 RESPONSE_LENGTHS = [1, 37, 2, 30, 3, 5, 24, 1, 12, 36, 4, 8, 2, 17, 33, 6]
@@ -51,7 +52,7 @@ def _batch(reference) -> dict:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     work = tmp_path_factory.mktemp("layouts")
-    references = {name: make_tiny_qwen2(work / name, tied=name == "tied") for name in ("untied", "tied")}
+    references = {name: make_tiny_qwen2(work / name, tied=name == "tied", num_layers=4) for name in ("untied", "tied")}
     batch = _batch(references["untied"])
     torch.save(batch, work / "batch.pt")
     return work, references, batch

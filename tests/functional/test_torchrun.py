@@ -48,3 +48,20 @@ def test_two_process_layout_matches_single_process(single_process_step, tmp_path
     assert parallel["acc/mean"] == single_process_step["acc/mean"]  # same rollouts: they do not depend on the layout
     for key in ("actor/pg_loss", "actor/grad_norm", "entropy/mean", "rollout/train_logprob_abs_diff"):
         assert parallel[key] == pytest.approx(single_process_step[key], rel=1e-4, abs=1e-6), key
+
+
+def test_interleaved_pipeline_matches_single_process_and_its_checkpoint_converts(tmp_path):
+    """PP=2 × 2 virtual stages (4-layer toy): same first step as one process; its checkpoint converts to HF
+    equal to the run's own HF export."""
+    from .test_checkpoint_convert import _assert_bit_identical, _convert
+
+    four_layers = ["toy_model.num_hidden_layers=4", "trainer.save_interval=2", "trainer.export_hf=true"]
+    single = _first_step([sys.executable], tmp_path / "single", *four_layers)
+    interleaved = _first_step(TORCHRUN, tmp_path / "vpp", *four_layers, "parallel.pipeline_model_parallel_size=2",
+                              "parallel.virtual_pipeline_model_parallel_size=2")
+    assert interleaved["acc/mean"] == single["acc/mean"]
+    for key in ("actor/pg_loss", "actor/grad_norm", "entropy/mean"):
+        assert interleaved[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
+    _convert("megatron_to_hf.py", "--load", str(tmp_path / "vpp" / "checkpoints"), "--out", str(tmp_path / "converted"),
+             "--no-progress")
+    _assert_bit_identical(tmp_path / "converted", tmp_path / "vpp" / "hf_final")

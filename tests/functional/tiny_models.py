@@ -4,14 +4,14 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 
-def make_tiny_qwen2(path, tied: bool, seed: int = 0) -> Qwen2ForCausalLM:
+def make_tiny_qwen2(path, tied: bool, seed: int = 0, num_layers: int = 2) -> Qwen2ForCausalLM:
     """A random Qwen2 with GQA, QKV bias, and a vocabulary (50) that Megatron pads (to 128)."""
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=50,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,

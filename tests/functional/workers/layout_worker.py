@@ -23,16 +23,17 @@ def main() -> None:
     parser.add_argument("--name", required=True)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--vpp", type=int, default=None)
     parser.add_argument("--micro", type=int, required=True)
     parser.add_argument("--loss-impl", default="fused")
     parser.add_argument("--sp", action="store_true")
     parser.add_argument("--distopt", action="store_true")
     args = parser.parse_args()
-    initialize_distributed(args.tp, args.pp, seed=1)
+    initialize_distributed(args.tp, args.pp, seed=1, virtual_pipeline_model_parallel_size=args.vpp)
     batch = torch.load(args.work / "batch.pt")
     overrides = {
         "parallel.tensor_model_parallel_size": args.tp, "parallel.pipeline_model_parallel_size": args.pp,
-        "parallel.micro_batch_size": args.micro, "parallel.sequence_parallel": args.sp,
+        "parallel.micro_batch_size": args.micro, "parallel.virtual_pipeline_model_parallel_size": args.vpp or "null", "parallel.sequence_parallel": args.sp,
         "parallel.use_distributed_optimizer": args.distopt, "model.loss_impl": args.loss_impl,
         "optimizer.lr": 1e-3, "optimizer.lr_warmup_steps": 0, "optimizer.weight_decay": 0.0,
         "optimizer.clip_grad": 1e9, "rollout.temperature": 1.0,
