@@ -33,3 +33,15 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
         for key in COMPARED:
             assert resumed[step - 1][key] == pytest.approx(expected[step - 1][key], rel=1e-6, abs=1e-9), (step, key)
     assert (split / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "3"
+
+
+def test_distributed_optimizer_resume_on_the_torch_adam_fallback_is_refused_with_the_fix(tmp_path):
+    """megatron-core 0.16.1 cannot load distributed-optimizer state without TE/Apex: one clear line, exit 2,
+    and the checkpoint that was written stays intact."""
+    out = tmp_path / "run"
+    args = [f"trainer.output_dir={out}", "parallel.use_distributed_optimizer=true", *SMALL]
+    assert run_cli("trainer.max_steps=1", *args).returncode == 0
+    result = run_cli("trainer.max_steps=2", *args)
+    assert result.returncode == 2
+    assert "parallel.use_distributed_optimizer=true" in result.stderr and "trainer.resume=false" in result.stderr
+    assert (out / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "1"
