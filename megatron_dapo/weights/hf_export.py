@@ -72,10 +72,11 @@ TOKENIZER_FILES = (
 )
 
 
-def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    """Copy the tokenizer (and generation config) files present in ``src``; refuse a folder with none."""
+def copy_tokenizer_files(src: Path, dst: Path, required: bool = True) -> None:
+    """Copy the tokenizer (and generation config) files present in ``src``; refuse a folder with none
+    unless not ``required``."""
     found = [name for name in TOKENIZER_FILES if (src / name).exists()]
-    if not any(name.startswith("tokenizer") or name == "vocab.json" for name in found):
+    if required and not any(name.startswith("tokenizer") or name == "vocab.json" for name in found):
         raise FileNotFoundError(f"--tokenizer {src}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
     for name in found:
         shutil.copy(src / name, dst / name)

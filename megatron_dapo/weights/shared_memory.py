@@ -7,6 +7,7 @@ unlinked as soon as every reader has mapped them, so nothing is left behind in `
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from pathlib import Path
@@ -48,10 +49,7 @@ class SharedRegions:
 
     def view(self, rank: int, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A typed view into ``rank``'s region at byte ``offset``."""
-        numel = 1
-        for size in shape:
-            numel *= size
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         region = self.own if rank == dist.get_rank() else self.peers[rank]
         return region[offset : offset + nbytes].view(dtype).view(shape)
 
@@ -79,10 +77,7 @@ class Arena:
         self.used = 0
 
     def allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        numel = 1
-        for size in shape:
-            numel *= size
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         start = -(-self.used // self.ALIGN) * self.ALIGN
         if start + nbytes > self.buffer.numel():
             return torch.empty(shape, dtype=dtype)  # larger than planned: a fresh buffer

@@ -161,7 +161,7 @@ def _gather_tp(tensor: torch.Tensor, is_tp_sharded: bool) -> list[torch.Tensor]:
 def _flat_buffers(specs: list[TensorSpec], device: torch.device) -> dict[torch.dtype, torch.Tensor]:
     sizes: dict[torch.dtype, int] = {}
     for spec in specs:
-        sizes[spec.dtype] = sizes.get(spec.dtype, 0) + spec.nbytes // torch.empty((), dtype=spec.dtype).element_size()
+        sizes[spec.dtype] = sizes.get(spec.dtype, 0) + spec.numel
     return {dtype: torch.empty(size, dtype=dtype, device=device) for dtype, size in sizes.items()}
 
 
@@ -169,10 +169,9 @@ def _unflatten(specs: list[TensorSpec], buffers: dict[torch.dtype, torch.Tensor]
     offsets = dict.fromkeys(buffers, 0)
     bucket = []
     for spec in specs:
-        numel = spec.nbytes // torch.empty((), dtype=spec.dtype).element_size()
         start = offsets[spec.dtype]
-        bucket.append((spec.name, buffers[spec.dtype][start : start + numel].view(spec.shape)))
-        offsets[spec.dtype] = start + numel
+        bucket.append((spec.name, buffers[spec.dtype][start : start + spec.numel].view(spec.shape)))
+        offsets[spec.dtype] = start + spec.numel
     return bucket
 
 

@@ -9,20 +9,17 @@ tokenizer in ``hf_config/``; start training from it with ``model.megatron_checkp
 """
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
-import torch
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from megatron_dapo.weights.safetensors_io import DTYPES_BY_NAME
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hf-dir", required=True, help="Hugging Face folder (config.json + safetensors)")
     parser.add_argument("--out", required=True, help="Megatron checkpoint folder to write (must not exist)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the HF tensors' dtype")
+    parser.add_argument("--dtype", choices=sorted(DTYPES_BY_NAME), default=None, help="default: the HF tensors' dtype")
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     args = parser.parse_args(argv)
 
@@ -30,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron_dapo.weights.checkpoint_reader import HF_CONFIG_DIR
     from megatron_dapo.distributed import destroy_distributed, initialize_distributed
-    from megatron_dapo.weights.hf_export import TOKENIZER_FILES
+    from megatron_dapo.weights.hf_export import copy_tokenizer_files
     from megatron_dapo.weights.checkpoint_writer import write_megatron_checkpoint
     from megatron_dapo.weights.safetensors_io import SafetensorsReader
 
@@ -43,11 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         hf_config = AutoConfig.from_pretrained(hf_dir)
         reader = SafetensorsReader(hf_dir)
         initialize_distributed(1, 1, seed=0)
-        write_megatron_checkpoint(reader, hf_config, out, args.make_vocab_size_divisible_by, DTYPES.get(args.dtype))
+        write_megatron_checkpoint(reader, hf_config, out, args.make_vocab_size_divisible_by, DTYPES_BY_NAME.get(args.dtype))
         hf_config.save_pretrained(out / HF_CONFIG_DIR)
-        for name in TOKENIZER_FILES:
-            if (hf_dir / name).exists():
-                shutil.copy(hf_dir / name, out / HF_CONFIG_DIR / name)
+        copy_tokenizer_files(hf_dir, out / HF_CONFIG_DIR, required=False)
         destroy_distributed()
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -12,16 +12,14 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from megatron_dapo.weights.safetensors_io import DTYPES_BY_NAME
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--load", required=True, help="Megatron checkpoint (iter_* folder or save folder)")
     parser.add_argument("--out", required=True, help="Hugging Face folder to write")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's dtype")
+    parser.add_argument("--dtype", choices=sorted(DTYPES_BY_NAME), default=None, help="default: the checkpoint's dtype")
     parser.add_argument("--tokenizer", default=None, help="folder with tokenizer files (default: the checkpoint's hf_config/)")
     parser.add_argument("--config", default=None, help="HF config folder (default: the checkpoint's hf_config/)")
     parser.add_argument("--max-shard-size-mb", type=int, default=5 * 1024)
@@ -40,9 +38,10 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"{config_dir} has no config.json: pass --config <folder with the model's config.json>")
         hf_config = AutoConfig.from_pretrained(config_dir)
         tokenizer = Path(args.tokenizer) if args.tokenizer else (config_dir if (config_dir / "tokenizer_config.json").exists() else None)
-        specs, tensors = read_hf_tensors(checkpoint, hf_config, DTYPES[args.dtype] if args.dtype else None)
-        if args.dtype:
-            hf_config.dtype = args.dtype.replace("bf16", "bfloat16").replace("fp16", "float16").replace("fp32", "float32")
+        dtype = DTYPES_BY_NAME.get(args.dtype)
+        specs, tensors = read_hf_tensors(checkpoint, hf_config, dtype)
+        if dtype is not None:
+            hf_config.dtype = dtype
         write_hf_folder(specs, tensors, hf_config, args.out, tokenizer, args.max_shard_size_mb * 1024**2, not args.no_progress)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
