@@ -31,7 +31,7 @@ VARIANTS = ("naive", "fused", "fused_linear")
 
 def run_variant(variant: str, tokens: int, vocab: int, hidden_size: int, chunk_size: int) -> dict[str, float]:
     """Run one variant in this process; returns peak memory above the starting RSS (MB) and seconds."""
-    from megatron_dapo.config import AlgorithmConfig
+    from megatron_dapo.algorithm import PolicyLossConfig
     from megatron_dapo.ops import naive_logprobs_entropy, vocab_parallel_logprobs_entropy
     from megatron_dapo.ops.dapo_loss import dapo_loss_terms, fused_linear_dapo_loss_terms
 
@@ -46,14 +46,14 @@ def run_variant(variant: str, tokens: int, vocab: int, hidden_size: int, chunk_s
         "old_logprobs": -12.0 + torch.randn(1, tokens, generator=generator) * 0.1,
         "advantages": torch.randn(1, tokens, generator=generator),
     }
-    algorithm = AlgorithmConfig()
+    loss_config = PolicyLossConfig(norm_length=tokens)
     start = time.perf_counter()
     if variant == "fused_linear":
-        loss, count, sums = fused_linear_dapo_loss_terms(hidden, weight, batch, algorithm, tokens, vocab, 1.0, None, chunk_size)
+        loss, count, sums = fused_linear_dapo_loss_terms(hidden, weight, batch, loss_config, vocab, None, chunk_size)
     else:
         op = naive_logprobs_entropy if variant == "naive" else vocab_parallel_logprobs_entropy
         logprob, _ = op(hidden @ weight.t(), labels, vocab)
-        loss, count, sums = dapo_loss_terms(logprob, batch, algorithm, tokens)
+        loss, count, sums = dapo_loss_terms(logprob, batch, loss_config)
     (loss / count).backward()
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -47,7 +47,7 @@ def worker(quick: bool, repeats: int, out: Path) -> None:
 
     from megatron_dapo.actor.model import build_gpt_model, transformer_config_from_hf
     from megatron_dapo.distributed import initialize_distributed
-    from megatron_dapo.weights.hf_mapping import ModelLayout
+    from megatron_dapo.model_config import ModelLayout
     from megatron_dapo.weights.transfer import hf_specs, stream_hf_buckets
 
     initialize_distributed(2, 2, seed=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from megatron_dapo.algorithm import compute_group_advantages, overlong_filter_mask
-from megatron_dapo.rollout.collect import Group
+from megatron_dapo.samples import Group
 
 
 def build_training_batch(groups: list[Group], pad_token_id: int, overlong_filtering: bool) -> dict[str, torch.Tensor]:

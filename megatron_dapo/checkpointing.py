@@ -22,15 +22,9 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
-from megatron_dapo.weights.checkpoint_reader import (  # noqa: F401 (re-exported: the trainer's checkpoint API)
-    HF_CONFIG_DIR,
-    TRACKER_FILE,
-    iteration_dir,
-    latest_checkpoint,
-    resolve_checkpoint,
-)
-from megatron_dapo.weights.hf_mapping import CheckpointMismatchError
-from megatron_dapo.weights.model_identity import check_same_model
+from megatron_dapo.errors import different_models
+from megatron_dapo.model_config import check_same_model
+from megatron_dapo.weights.checkpoint_reader import HF_CONFIG_DIR, TRACKER_FILE, iteration_dir, resolve_checkpoint
 from megatron_dapo.weights.transfer import ModelChunks, chunks_of, unwrap
 
 # The distributed optimizer's default sharding fails on CPU ("flattened_range is not supported");
@@ -48,7 +42,14 @@ def model_sharded_state_dict(model: ModelChunks) -> dict:
 
 
 def save_checkpoint(
-    actor, save_dir: str | Path, step: int, trainer_state: dict, tokenizer: PreTrainedTokenizerBase | None
+    model: ModelChunks,
+    optimizer: MegatronOptimizer,
+    scheduler: OptimizerParamScheduler,
+    hf_config: PretrainedConfig,
+    save_dir: str | Path,
+    step: int,
+    trainer_state: dict,
+    tokenizer: PreTrainedTokenizerBase | None,
 ) -> Path:
     """Save model, optimizer, scheduler and ``trainer_state`` at ``step`` (collective)."""
     path = iteration_dir(save_dir, step)
@@ -56,17 +57,17 @@ def save_checkpoint(
         shutil.rmtree(path, ignore_errors=True)  # left by a job killed while saving: never the latest
         path.mkdir(parents=True)
     dist.barrier()
-    model_state = model_sharded_state_dict(actor.model_chunks)
+    model_state = model_sharded_state_dict(model)
     state = {
         **model_state,
-        "optimizer": actor.optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_METADATA),
-        "scheduler": actor.scheduler.state_dict(),
+        "optimizer": optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_METADATA),
+        "scheduler": scheduler.state_dict(),
         "trainer": trainer_state,
     }
     dist_checkpointing.save(state, str(path))
     dist.barrier()
     if dist.get_rank() == 0:
-        actor.hf_config.save_pretrained(path / HF_CONFIG_DIR)
+        hf_config.save_pretrained(path / HF_CONFIG_DIR)
         if tokenizer is not None:
             tokenizer.save_pretrained(path / HF_CONFIG_DIR)
         (Path(save_dir) / TRACKER_FILE).write_text(str(step))
@@ -98,7 +99,7 @@ def load_checkpoint(
         missing, unexpected = unwrap(chunk).load_state_dict(loaded[key], strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
-            raise CheckpointMismatchError(f"checkpoint {path}: missing {missing}, unexpected {unexpected}")
+            raise different_models(f"checkpoint {path}: missing {missing}, unexpected {unexpected}")
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:

@@ -1,132 +1,146 @@
-"""Typed job configuration: dataclasses loaded from YAML, with ``key.sub=value`` command-line overrides."""
+"""Typed job configuration: dataclasses loaded from YAML, with ``key.sub=value`` command-line overrides.
+
+Every option carries one line of documentation (``megatron-dapo config`` lists them with their values);
+every cross-field rule lives in ``DapoConfig.validate``, which runs before any work starts.
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
-from megatron_dapo.algorithm.policy_loss import LOSS_AGG_MODES
+from megatron_dapo.algorithm.policy_loss import LOSS_AGG_MODES, PolicyLossConfig
+from megatron_dapo.errors import ConfigError
+
+__all__ = ["ConfigError", "DapoConfig", "describe_options", "load_config"]
+
+LossAggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+assert typing.get_args(LossAggMode) == LOSS_AGG_MODES
 
 
-LOSS_IMPLS = ("naive", "fused", "fused_linear")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or inconsistent; the message names the key."""
+def option(default: object, doc: str) -> typing.Any:
+    """A dataclass field with its one-line documentation (``megatron-dapo config`` prints it)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
 
 
 @dataclass
 class ModelConfig:
-    hf_path: str | None = None  # HF folder (config.json + safetensors + tokenizer); None builds the toy model
-    megatron_checkpoint: str | None = None  # start from these weights (torch_dist, any TP/PP) instead of hf_path's
-    make_vocab_size_divisible_by: int = 128
-    loss_impl: str = "fused"  # naive (gathers full-vocab logits) | fused (vocab-parallel) | fused_linear (chunked)
-    loss_chunk_size: int = 512  # tokens per chunk of the fused_linear loss
+    hf_path: str | None = option(None, "HF folder (config.json, safetensors, tokenizer); null builds the toy model")
+    megatron_checkpoint: str | None = option(None, "start from these torch_dist weights (any TP/PP) instead of hf_path's")
+    make_vocab_size_divisible_by: int = option(128, "Megatron pads the vocabulary to a multiple of this × TP")
+    loss_impl: Literal["naive", "fused", "fused_linear"] = option(
+        "fused", "log-prob op: naive (gathers full-vocab logits) | fused (vocab-parallel) | fused_linear (chunked)"
+    )
+    loss_chunk_size: int = option(512, "tokens per chunk of the fused_linear loss")
 
 
 @dataclass
 class ToyModelConfig:
     """The offline toy model and its supervised warm start (used when ``model.hf_path`` is null)."""
 
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    tie_word_embeddings: bool = False
-    sft_steps: int = 2000
-    sft_batch_size: int = 64
-    sft_lr: float = 1e-3
-    sft_answer_noise: float = 0.4  # share of warm-start demonstrations whose answer is off by 1–9
+    hidden_size: int = option(128, "toy model hidden size")
+    intermediate_size: int = option(384, "toy model FFN size")
+    num_hidden_layers: int = option(2, "toy model layers")
+    num_attention_heads: int = option(4, "toy model attention heads")
+    num_key_value_heads: int = option(2, "toy model KV heads (GQA)")
+    tie_word_embeddings: bool = option(False, "tie input and output embeddings")
+    sft_steps: int = option(2000, "supervised warm-start steps")
+    sft_batch_size: int = option(64, "warm-start batch size")
+    sft_lr: float = option(1e-3, "warm-start AdamW learning rate")
+    sft_answer_noise: float = option(0.4, "share of warm-start demonstrations whose answer is off by 1–9")
 
 
 @dataclass
 class ParallelConfig:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: int | None = None  # model chunks per pipeline rank (interleaved 1F1B)
-    sequence_parallel: bool = False  # with TP > 1: norms/dropout on sequence shards, activations 1/TP
-    use_distributed_optimizer: bool = False  # optimizer state and fp32 master weights sharded over DP
-    micro_batch_size: int = 8  # samples per micro-batch (padding-aware: sorted by length, cut to the longest)
+    tensor_model_parallel_size: int = option(1, "TP: ranks sharing each layer")
+    pipeline_model_parallel_size: int = option(1, "PP: pipeline stages (data parallelism is the rest of the world size)")
+    virtual_pipeline_model_parallel_size: int | None = option(None, "model chunks per pipeline rank (interleaved 1F1B)")
+    sequence_parallel: bool = option(False, "with TP > 1: norms on sequence shards, activations 1/TP")
+    use_distributed_optimizer: bool = option(False, "optimizer state and fp32 master weights sharded over DP")
+    micro_batch_size: int = option(8, "samples per micro-batch (sorted by length, cut to the longest)")
 
 
 @dataclass
 class DataConfig:
-    train_files: list[str] = field(default_factory=list)  # parquet/jsonl in DAPO-Math-17K format; empty: toy task
-    val_files: list[str] = field(default_factory=list)
-    toy_num_train: int = 2000
-    toy_num_val: int = 64
-    toy_seed: int = 1234
+    train_files: list[str] = option([], "parquet/jsonl in DAPO-Math-17K format; empty: the toy task")
+    val_files: list[str] = option([], "held-out problems for avg@k; empty with the toy task: toy problems")
+    toy_num_train: int = option(2000, "toy training problems")
+    toy_num_val: int = option(64, "toy held-out problems")
+    toy_seed: int = option(1234, "seed of the toy problems")
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # "hf" (in-process transformers model, CPU) or "sglang" (GPU)
-    n: int = 16  # G, samples per prompt
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_response_length: int = 20480
-    val_n: int = 32  # avg@k samples per evaluation problem
-    val_temperature: float = 1.0
-    val_top_p: float = 0.7
-    weight_sync_bucket_mb: int = 512  # size of the flattened buckets the resharder sends to the engine
-    sglang_tp_size: int = 0  # SGLang engine TP size; 0: every GPU of the node
-    sglang_mem_fraction: float = 0.6  # SGLang's mem_fraction_static (weights + KV cache share of the GPU)
+    engine: Literal["hf", "sglang"] = option("hf", "hf (in-process transformers, CPU) | sglang (GPU)")
+    n: int = option(16, "G: samples per prompt")
+    temperature: float = option(1.0, "sampling temperature (applied identically to the actor's log-probs)")
+    top_p: float = option(1.0, "nucleus sampling")
+    max_response_length: int = option(20480, "L_max: response tokens per sample")
+    val_n: int = option(32, "samples per evaluation problem (avg@k)")
+    val_temperature: float = option(1.0, "evaluation temperature")
+    val_top_p: float = option(0.7, "evaluation nucleus")
+    weight_sync_bucket_mb: int = option(512, "size of the flattened buckets the resharder sends to the engine")
+    sglang_tp_size: int = option(0, "SGLang engine TP size; 0: every GPU of the node")
+    sglang_mem_fraction: float = option(0.6, "SGLang's mem_fraction_static (weights + KV cache share of the GPU)")
 
 
 @dataclass
 class AlgorithmConfig:
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.28
-    clip_ratio_c: float | None = 10.0
-    loss_agg_mode: str = "token-mean"
-    dynamic_sampling: bool = True
-    gen_batch_size: int = 1536  # prompts per generation round
-    train_batch_size: int = 512  # prompts (groups) per training step
-    max_num_gen_batches: int = 10  # <= 0: unbounded
-    mini_batch_size: int = 512  # samples per optimiser step
-    ppo_epochs: int = 1
-    overlong_filtering: bool = False
-    overlong_buffer_enable: bool = True
-    overlong_buffer_len: int = 4096
-    overlong_penalty_factor: float = 1.0
-    kl_coef: float = 0.0  # > 0 adds a k3 KL-to-reference term (naive GRPO baseline)
-    tis_cap: float | None = 2.0  # truncated importance-sampling cap; null disables
+    clip_ratio_low: float = option(0.2, "ε_low")
+    clip_ratio_high: float = option(0.28, "ε_high (Clip-Higher)")
+    clip_ratio_c: float | None = option(10.0, "dual clip for negative advantages (> 1); null disables")
+    loss_agg_mode: LossAggMode = option("token-mean", "token-mean (DAPO) | seq-mean-token-mean (GRPO) | ...")
+    dynamic_sampling: bool = option(True, "drop groups whose raw accuracy is 0 or 1, generate more")
+    gen_batch_size: int = option(1536, "prompts per generation round")
+    train_batch_size: int = option(512, "prompts (groups) per training step")
+    max_num_gen_batches: int = option(10, "generation rounds per step before giving up (<= 0: unbounded)")
+    mini_batch_size: int = option(512, "samples per optimiser step")
+    ppo_epochs: int = option(1, "passes over each step's samples")
+    overlong_filtering: bool = option(False, "truncated samples get loss mask 0")
+    overlong_buffer_enable: bool = option(True, "soft overlong punishment")
+    overlong_buffer_len: int = option(4096, "L_cache: the punishment ramp's length in tokens")
+    overlong_penalty_factor: float = option(1.0, "punishment at L_max")
+    kl_coef: float = option(0.0, "> 0 adds a k3 KL-to-reference term (naive GRPO baseline)")
+    tis_cap: float | None = option(2.0, "truncated importance-sampling cap C; null disables")
 
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    lr_warmup_steps: int = 20
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
+    lr: float = option(1e-6, "AdamW learning rate (constant after warm-up)")
+    min_lr: float = option(0.0, "learning-rate floor")
+    lr_warmup_steps: int = option(20, "linear warm-up, in optimiser steps")
+    weight_decay: float = option(0.1, "AdamW weight decay")
+    adam_beta1: float = option(0.9, "AdamW β1")
+    adam_beta2: float = option(0.999, "AdamW β2")
+    adam_eps: float = option(1e-8, "AdamW ε")
+    clip_grad: float = option(1.0, "gradient-norm clipping")
 
 
 @dataclass
 class TrainerConfig:
-    output_dir: str = "outputs/run"
-    max_steps: int = 100
-    seed: int = 1
-    export_hf: bool = True  # write the final policy as an HF folder (output_dir/hf_final)
-    export_hf_interval: int = 0  # also export output_dir/hf/iter_<step> every this many steps (0: never)
-    save_interval: int = 0  # Megatron checkpoint every this many steps and at the end (0: never)
-    save_dir: str | None = None  # default: output_dir/checkpoints
-    resume: bool = True  # continue from save_dir's latest checkpoint when there is one
+    output_dir: str = option("outputs/run", "metrics, TensorBoard, exports, checkpoints")
+    max_steps: int = option(100, "rollout steps")
+    seed: int = option(1, "seeds the model build, the sampler and rollout sampling")
+    export_hf: bool = option(True, "write the final policy as an HF folder (output_dir/hf_final)")
+    export_hf_interval: int = option(0, "also export output_dir/hf/iter_<step> every this many steps (0: never)")
+    save_interval: int = option(0, "Megatron checkpoint every this many steps and at the end (0: never)")
+    save_dir: str | None = option(None, "checkpoint folder; default output_dir/checkpoints")
+    resume: bool = option(True, "continue from save_dir's latest checkpoint when there is one")
 
 
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = True
-    progress_bar: bool = True
+    tensorboard: bool = option(True, "mirror metrics to output_dir/tensorboard")
+    progress_bar: bool = option(True, "progress bars on the console")
 
 
 @dataclass
@@ -142,13 +156,15 @@ class DapoConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self, world_size: int = 1) -> None:
-        """Check cross-field consistency; raise ``ConfigError`` naming the keys and the fix."""
+        """Check every value and cross-field rule; raise ``ConfigError`` naming the keys and the fix."""
+        _validate_ranges(self)
         par, alg, ro = self.parallel, self.algorithm, self.rollout
         model_parallel = par.tensor_model_parallel_size * par.pipeline_model_parallel_size
         if world_size % model_parallel:
             raise ConfigError(
-                f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size × "
-                f"parallel.pipeline_model_parallel_size = {model_parallel}"
+                f"parallel.tensor_model_parallel_size × parallel.pipeline_model_parallel_size = {model_parallel} does "
+                f"not divide the world size {world_size}: launch a multiple of {model_parallel} processes, e.g. "
+                f"`torchrun --nproc-per-node {model_parallel} -m megatron_dapo train ...`"
             )
         dp = world_size // model_parallel
         if alg.train_batch_size > alg.gen_batch_size:
@@ -177,19 +193,74 @@ class DapoConfig:
                     f"(algorithm.mini_batch_size / (parallel.micro_batch_size × DP)) must be a multiple of "
                     f"parallel.pipeline_model_parallel_size={par.pipeline_model_parallel_size}"
                 )
-        if alg.loss_agg_mode not in LOSS_AGG_MODES:
-            raise ConfigError(f"algorithm.loss_agg_mode={alg.loss_agg_mode!r} must be one of {LOSS_AGG_MODES}")
         if alg.overlong_buffer_enable and not 0 < alg.overlong_buffer_len <= ro.max_response_length:
             raise ConfigError(
                 f"algorithm.overlong_buffer_len={alg.overlong_buffer_len} must be in "
                 f"(0, rollout.max_response_length={ro.max_response_length}]"
             )
-        if ro.n < 2:
-            raise ConfigError(f"rollout.n={ro.n}: group advantages need at least 2 samples per prompt")
-        if self.model.loss_impl not in LOSS_IMPLS:
-            raise ConfigError(f"model.loss_impl={self.model.loss_impl!r} must be one of {LOSS_IMPLS}")
-        if ro.engine not in ("hf", "sglang"):
-            raise ConfigError(f"rollout.engine={ro.engine!r} must be 'hf' or 'sglang'")
+
+    def policy_loss(self) -> PolicyLossConfig:
+        """The settings of the per-token DAPO loss (``algorithm.*`` plus the rollout's temperature and L_max)."""
+        alg = self.algorithm
+        return PolicyLossConfig(
+            clip_ratio_low=alg.clip_ratio_low,
+            clip_ratio_high=alg.clip_ratio_high,
+            clip_ratio_c=alg.clip_ratio_c,
+            loss_agg_mode=alg.loss_agg_mode,
+            kl_coef=alg.kl_coef,
+            temperature=self.rollout.temperature,
+            norm_length=self.rollout.max_response_length,
+        )
+
+
+# Lower bounds (inclusive unless noted) of numeric options; upper bounds where they exist.
+_AT_LEAST_ONE = (
+    "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size", "parallel.micro_batch_size",
+    "rollout.max_response_length", "rollout.val_n", "algorithm.gen_batch_size", "algorithm.train_batch_size",
+    "algorithm.mini_batch_size", "algorithm.ppo_epochs", "model.loss_chunk_size", "data.toy_num_train",
+)
+_NON_NEGATIVE = (
+    "trainer.max_steps", "trainer.save_interval", "trainer.export_hf_interval", "optimizer.lr", "optimizer.min_lr",
+    "optimizer.lr_warmup_steps", "optimizer.weight_decay", "algorithm.kl_coef", "algorithm.overlong_penalty_factor",
+    "rollout.weight_sync_bucket_mb", "rollout.sglang_tp_size", "toy_model.sft_steps", "data.toy_num_val",
+)
+_POSITIVE = ("rollout.temperature", "rollout.val_temperature", "optimizer.clip_grad", "optimizer.adam_eps")
+_UNIT_INTERVAL = ("rollout.top_p", "rollout.val_top_p", "rollout.sglang_mem_fraction")  # (0, 1]
+
+
+def _value(config: DapoConfig, key: str) -> object:
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def _validate_ranges(config: DapoConfig) -> None:
+    for key in _AT_LEAST_ONE:
+        if _value(config, key) < 1:
+            raise ConfigError(f"{key}={_value(config, key)} must be at least 1")
+    for key in _NON_NEGATIVE:
+        if _value(config, key) < 0:
+            raise ConfigError(f"{key}={_value(config, key)} must be >= 0")
+    for key in _POSITIVE:
+        if not _value(config, key) > 0:
+            raise ConfigError(f"{key}={_value(config, key)} must be > 0")
+    for key in _UNIT_INTERVAL:
+        if not 0 < _value(config, key) <= 1:
+            raise ConfigError(f"{key}={_value(config, key)} must be in (0, 1]")
+    alg, ro = config.algorithm, config.rollout
+    if ro.n < 2:
+        raise ConfigError(f"rollout.n={ro.n}: group advantages need at least 2 samples per prompt")
+    if not 0 <= alg.clip_ratio_low < 1 or alg.clip_ratio_high < 0:
+        raise ConfigError(
+            f"algorithm.clip_ratio_low={alg.clip_ratio_low} must be in [0, 1) and algorithm.clip_ratio_high="
+            f"{alg.clip_ratio_high} >= 0 (the paper: 0.2 and 0.28)"
+        )
+    if alg.clip_ratio_c is not None and alg.clip_ratio_c <= 1:
+        raise ConfigError(f"algorithm.clip_ratio_c={alg.clip_ratio_c} must be > 1 (the reference uses 10), or null to disable")
+    if alg.tis_cap is not None and alg.tis_cap <= 0:
+        raise ConfigError(f"algorithm.tis_cap={alg.tis_cap} must be > 0 (about 2), or null to disable")
+    vpp = config.parallel.virtual_pipeline_model_parallel_size
+    if vpp is not None and vpp < 1:
+        raise ConfigError(f"parallel.virtual_pipeline_model_parallel_size={vpp} must be at least 1, or null")
 
 
 def _coerce(value: object, annotation: object, key: str) -> object:
@@ -200,6 +271,11 @@ def _coerce(value: object, annotation: object, key: str) -> object:
             return None
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
         origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"config key {key}={value!r} must be one of {list(choices)}")
+        return value
     if origin is list:
         if not isinstance(value, list):
             value = [value]
@@ -213,6 +289,8 @@ def _coerce(value: object, annotation: object, key: str) -> object:
             pass
     if annotation in (int, float, str, bool) and not isinstance(value, annotation):
         raise ConfigError(f"config key {key}={value!r} must be of type {annotation.__name__}")
+    if annotation is int and isinstance(value, bool):
+        raise ConfigError(f"config key {key}={value!r} must be of type int")
     return value
 
 
@@ -248,11 +326,17 @@ def apply_override(values: dict, override: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> DapoConfig:
-    """Defaults ← YAML file ← overrides. Raises ``ConfigError`` for unknown keys or wrong types."""
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> DapoConfig:
+    """Defaults ← YAML file ← overrides. Raises ``ConfigError`` for missing files, unknown keys or wrong types."""
     values: dict = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text())
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; see examples/configs/ for examples")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({error})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         values = loaded or {}
@@ -263,3 +347,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Da
 
 def config_to_dict(config: DapoConfig) -> dict:
     return dataclasses.asdict(config)
+
+
+def describe_options(config: DapoConfig | None = None) -> list[str]:
+    """One line per option: ``section.key = value  # documentation`` (``config``'s values, else the defaults)."""
+    config = config or DapoConfig()
+    lines = []
+    for section in dataclasses.fields(DapoConfig):
+        values = getattr(config, section.name)
+        for option_field in dataclasses.fields(values):
+            value = yaml.safe_dump(getattr(values, option_field.name), default_flow_style=True).strip()
+            value = value.removesuffix("\n...").removesuffix("...").strip()
+            lines.append(f"{section.name}.{option_field.name} = {value}  # {option_field.metadata.get('doc', '')}")
+    return lines

@@ -1,10 +1,12 @@
-"""Process-group set-up: gloo + the CPU compatibility layer on CPU, NCCL on GPU; megatron's parallel_state."""
+"""Process groups (gloo + the CPU compatibility layer on CPU, NCCL on GPU), megatron's parallel_state, and
+``run_on_rank_zero`` for work that one rank does for all."""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import socket
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -34,27 +36,32 @@ def keep_freed_host_memory() -> None:
     libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
 
 
-def initialize_distributed(
+def initialize_process_group() -> None:
+    """Join the job (torchrun/srun set ``RANK`` etc.), or create a one-process world under plain ``python``."""
+    if dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl"
+    else:
+        from megatron_dapo import cpu_compat
+
+        cpu_compat.install()
+        keep_freed_host_memory()
+        backend = "gloo"
+    if "RANK" in os.environ:  # torchrun / srun: rendezvous from the environment
+        dist.init_process_group(backend=backend)
+    else:  # plain `python`: a world of one (the environment is left untouched for child processes)
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+
+
+def initialize_model_parallel(
     tensor_model_parallel_size: int,
     pipeline_model_parallel_size: int,
     seed: int,
     virtual_pipeline_model_parallel_size: int | None = None,
 ) -> None:
-    """Join (or, outside torchrun, create a one-process) job and build megatron's parallel groups."""
-    if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            backend = "nccl"
-        else:
-            from megatron_dapo.actor import cpu_compat
-
-            cpu_compat.install()
-            keep_freed_host_memory()
-            backend = "gloo"
-        if "RANK" in os.environ:  # torchrun / srun: rendezvous from the environment
-            dist.init_process_group(backend=backend)
-        else:  # plain `python`: a world of one (the environment is left untouched for child processes)
-            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    """Megatron's TP/PP/DP groups over the joined job, and its model-parallel RNG streams."""
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_model_parallel_size,
@@ -62,6 +69,19 @@ def initialize_distributed(
             virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def initialize_distributed(
+    tensor_model_parallel_size: int,
+    pipeline_model_parallel_size: int,
+    seed: int,
+    virtual_pipeline_model_parallel_size: int | None = None,
+) -> None:
+    """``initialize_process_group`` then ``initialize_model_parallel``."""
+    initialize_process_group()
+    initialize_model_parallel(
+        tensor_model_parallel_size, pipeline_model_parallel_size, seed, virtual_pipeline_model_parallel_size
+    )
 
 
 def destroy_distributed() -> None:
@@ -77,3 +97,29 @@ def is_rank_zero() -> bool:
     if dist.is_initialized():
         return dist.get_rank() == 0
     return int(os.environ.get("RANK", "0")) == 0
+
+
+T = TypeVar("T")
+
+
+def run_on_rank_zero(work: Callable[[], T], share_result: bool = True) -> T | None:
+    """Run ``work`` on global rank 0 and hand its result — or its exception — to every rank (collective).
+
+    Passing the exception on keeps the other ranks from waiting forever on a rank that failed. With
+    ``share_result=False`` only the exception travels: rank 0 gets the result, the other ranks ``None``
+    (for results that cannot or should not be sent, such as an engine).
+    """
+    result, error = None, None
+    if is_rank_zero():
+        try:
+            result = work()
+        except Exception as exc:  # re-raised below, on every rank
+            error = exc
+    if dist.get_world_size() > 1:
+        holder = [(result if share_result else None, error)]
+        dist.broadcast_object_list(holder, src=0)
+        if share_result or not is_rank_zero():
+            result, error = holder[0]
+    if error is not None:
+        raise error
+    return result

@@ -7,13 +7,16 @@ actor takes its data-parallel slice.
 
 Loss normalisation follows Megatron's per-token contract: each micro-batch's loss function returns
 ``(loss_numerator, count, metrics)``; Megatron sums numerators' gradients over micro-batches and DP ranks and
-``finalize_model_grads`` divides by the step's total count (pitfall 1).
+``finalize_model_grads`` divides by the step's total count (docs/design.md, "Loss normalisation").
+
+The actor is given only its own config sections: model, parallel layout, optimizer and the policy loss.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from functools import partial
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -28,13 +31,15 @@ from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from transformers import AutoConfig
 
 from megatron_dapo.actor.model import build_gpt_model, transformer_config_from_hf, transformer_engine_available
-from megatron_dapo.checkpointing import load_checkpoint
+from megatron_dapo.algorithm import PolicyLossConfig
 from megatron_dapo.batch import padding_aware_micro_batches, split_batch, unsort_rows
-from megatron_dapo.config import ConfigError, DapoConfig
+from megatron_dapo.checkpointing import load_checkpoint, save_checkpoint
+from megatron_dapo.config import ModelConfig, OptimizerConfig, ParallelConfig
+from megatron_dapo.errors import ConfigError
+from megatron_dapo.model_config import ModelLayout
 from megatron_dapo.ops import fused_linear_logprobs_entropy, naive_logprobs_entropy, vocab_parallel_logprobs_entropy
 from megatron_dapo.ops.dapo_loss import METRIC_SUM_KEYS, dapo_loss_terms, fused_linear_dapo_loss_terms
-from megatron_dapo.weights.hf_mapping import ModelLayout
-from megatron_dapo.weights.transfer import DEFAULT_BUCKET_BYTES, Bucket, load_hf_checkpoint, stream_hf_buckets, unwrap
+from megatron_dapo.weights.transfer import load_hf_checkpoint, unwrap
 
 Batch = dict[str, torch.Tensor]
 
@@ -72,9 +77,20 @@ def _data_parallel_slice(batch: Batch) -> Batch:
 class MegatronActor:
     """Policy model under megatron-core: forward-only log-probs and token-level DAPO updates."""
 
-    def __init__(self, config: DapoConfig, hf_dir: str, total_steps: int) -> None:
-        self.config = config
-        par = config.parallel
+    def __init__(
+        self,
+        hf_dir: str,
+        model: ModelConfig,
+        parallel: ParallelConfig,
+        optimizer: OptimizerConfig,
+        loss: PolicyLossConfig,
+        total_steps: int,
+    ) -> None:
+        """Build this rank's model chunks from ``model.megatron_checkpoint`` or ``hf_dir``'s weights, the
+        optimizer and its LR schedule over ``total_steps`` optimiser steps; a frozen reference copy when the
+        loss has a KL term."""
+        self.model_options, self.parallel, self.loss = model, parallel, loss
+        par = parallel
         self.hf_config = AutoConfig.from_pretrained(hf_dir)
         self.layout = ModelLayout.from_hf_config(self.hf_config)
         self.transformer_config = transformer_config_from_hf(
@@ -97,7 +113,7 @@ class MegatronActor:
         self.transformer_config.finalize_model_grads_func = finalize_model_grads
         no_sync = [chunk.no_sync for chunk in self.model_chunks]
         self.transformer_config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
-        opt = config.optimizer
+        opt = optimizer
         self.optimizer = get_megatron_optimizer(
             MegatronOptimizerConfig(
                 optimizer="adam",
@@ -126,23 +142,29 @@ class MegatronActor:
             wd_incr_steps=max(total_steps, 1),
             wd_incr_style="constant",
         )
-        self.ref_chunks = [c.eval() for c in self._build_and_load(hf_dir)] if config.algorithm.kl_coef > 0 else None
+        self.ref_chunks = [c.eval() for c in self._build_and_load(hf_dir)] if loss.kl_coef > 0 else None
 
     def _build_and_load(self, hf_dir: str) -> list[torch.nn.Module]:
         """This rank's model chunks, filled from ``model.megatron_checkpoint`` when set, else from the HF weights."""
         vpp = self.transformer_config.virtual_pipeline_model_parallel_size
         stages = range(vpp) if vpp else [None]
-        divisible_by = self.config.model.make_vocab_size_divisible_by
+        divisible_by = self.model_options.make_vocab_size_divisible_by
         chunks = [build_gpt_model(self.hf_config, self.transformer_config, divisible_by, vp_stage) for vp_stage in stages]
-        if self.config.model.megatron_checkpoint:
-            load_checkpoint(chunks, self.hf_config, self.config.model.megatron_checkpoint)
+        if self.model_options.megatron_checkpoint:
+            load_checkpoint(chunks, self.hf_config, self.model_options.megatron_checkpoint)
         else:
             load_hf_checkpoint(chunks, hf_dir, self.layout)
         return chunks
 
-    def load_checkpoint(self, path: str) -> dict | None:
+    def save_checkpoint(self, save_dir: str | Path, step: int, trainer_state: dict, tokenizer) -> Path:
+        """Save model, optimizer, LR scheduler and ``trainer_state`` as ``save_dir/iter_<step>`` (collective)."""
+        return save_checkpoint(
+            self.model_chunks, self.optimizer, self.scheduler, self.hf_config, save_dir, step, trainer_state, tokenizer
+        )
+
+    def load_checkpoint(self, path: str | Path) -> dict | None:
         """Resume model, optimizer and LR scheduler from a checkpoint (any layout); the saved trainer state."""
-        if self.config.parallel.use_distributed_optimizer and not transformer_engine_available():
+        if self.parallel.use_distributed_optimizer and not transformer_engine_available():
             raise ConfigError(
                 f"cannot resume {path} with parallel.use_distributed_optimizer=true here: megatron-core 0.16.1's "
                 "torch-AdamW fallback (no Transformer Engine/Apex) cannot load distributed-optimizer state; "
@@ -156,7 +178,7 @@ class MegatronActor:
         input_ids = micro_batch["input_ids"]
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         gpt = unwrap(model)
-        bypass = self.config.model.loss_impl == "fused_linear" and gpt.post_process
+        bypass = self.model_options.loss_impl == "fused_linear" and gpt.post_process
         with _output_layer_bypassed(gpt) if bypass else nullcontext():
             return model(input_ids, position_ids, None)
 
@@ -170,11 +192,11 @@ class MegatronActor:
         """Per-token ``(logprob, entropy)`` with the configured ``model.loss_impl``."""
         tp_group = parallel_state.get_tensor_model_parallel_group()
         vocab_size = self.layout.vocab_size
-        impl = self.config.model.loss_impl
+        impl = self.model_options.loss_impl
         if impl == "fused_linear":
             return fused_linear_logprobs_entropy(
                 output, self._output_weight(model), labels, vocab_size, temperature, tp_group,
-                self.config.model.loss_chunk_size,
+                self.model_options.loss_chunk_size,
             )
         if impl == "fused":
             return vocab_parallel_logprobs_entropy(output, labels, vocab_size, temperature, tp_group)
@@ -194,7 +216,7 @@ class MegatronActor:
         multiple = parallel_state.get_tensor_model_parallel_world_size() if self.transformer_config.sequence_parallel else 1
         uniform = len(self.model_chunks) > 1
         local = _data_parallel_slice(batch)
-        return padding_aware_micro_batches(local, self.config.parallel.micro_batch_size, multiple, uniform)
+        return padding_aware_micro_batches(local, self.parallel.micro_batch_size, multiple, uniform)
 
     def _run_schedule(self, chunks: list[torch.nn.Module], micro: list[Batch], loss_func, forward_only: bool) -> list[dict]:
         """Megatron's forward/backward schedule (1F1B under PP, interleaved with model chunks) over ``micro``;
@@ -210,7 +232,7 @@ class MegatronActor:
             model=chunks,
             num_microbatches=len(micro),
             seq_length=max(m["input_ids"].shape[1] for m in micro),
-            micro_batch_size=self.config.parallel.micro_batch_size,
+            micro_batch_size=self.parallel.micro_batch_size,
             forward_only=forward_only,
         )
 
@@ -252,15 +274,14 @@ class MegatronActor:
 
     # ------------------------------------------------------------------ training
     def _policy_loss_func(self, model: torch.nn.Module, micro_batch: Batch, output: torch.Tensor):
-        alg, temperature, norm_length = self.config.algorithm, self.config.rollout.temperature, self.config.rollout.max_response_length
-        if self.config.model.loss_impl == "fused_linear":
+        if self.model_options.loss_impl == "fused_linear":
             numerator, count, sums = fused_linear_dapo_loss_terms(
-                output, self._output_weight(model), micro_batch, alg, norm_length, self.layout.vocab_size,
-                temperature, parallel_state.get_tensor_model_parallel_group(), self.config.model.loss_chunk_size,
+                output, self._output_weight(model), micro_batch, self.loss, self.layout.vocab_size,
+                parallel_state.get_tensor_model_parallel_group(), self.model_options.loss_chunk_size,
             )
         else:
-            logprobs, _ = self._token_logprobs(model, output, micro_batch["labels"], temperature)
-            numerator, count, sums = dapo_loss_terms(logprobs, micro_batch, alg, norm_length)
+            logprobs, _ = self._token_logprobs(model, output, micro_batch["labels"], self.loss.temperature)
+            numerator, count, sums = dapo_loss_terms(logprobs, micro_batch, self.loss)
         return numerator, count.int(), sums
 
     def forward_backward(self, batch: Batch) -> dict[str, float]:
@@ -305,16 +326,3 @@ class MegatronActor:
             "pg_clipfrac/low": total["clip_low"] / tokens,
             "pg_clipfrac/dual": total["clip_dual"] / tokens,
         }
-
-    # ------------------------------------------------------------------ weights out
-    def hf_buckets(
-        self, bucket_bytes: int, to_all_ranks: bool = False, dtype: torch.dtype = torch.float32, gradients: bool = False
-    ) -> Iterator[Bucket]:
-        """Full HF-named weights (or, with ``gradients``, their gradients) in buckets; collective."""
-        tensor_of = (lambda p: p.main_grad) if gradients else (lambda p: p.detach())
-        return stream_hf_buckets(self.model_chunks, self.layout, bucket_bytes, to_all_ranks, dtype, tensor_of)
-
-    def hf_state_dict(self, gradients: bool = False) -> dict[str, torch.Tensor] | None:
-        """All HF-named weights (or gradients) on global rank 0, ``None`` elsewhere; collective."""
-        state = {name: t.clone() for bucket in self.hf_buckets(DEFAULT_BUCKET_BYTES, gradients=gradients) for name, t in bucket}
-        return state if dist.get_rank() == 0 else None

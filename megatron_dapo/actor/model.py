@@ -13,15 +13,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from transformers import PretrainedConfig
 
-from megatron_dapo.config import ConfigError
-
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
-
-
-def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tp_size: int) -> int:
-    """Megatron's padded vocabulary: the next multiple of ``make_vocab_size_divisible_by * tp_size``."""
-    multiple = make_vocab_size_divisible_by * tp_size
-    return ((vocab_size + multiple - 1) // multiple) * multiple
+from megatron_dapo.model_config import has_qkv_bias, head_dim, padded_vocab_size, rope_theta, validate_hf_config
 
 
 def transformer_engine_available() -> bool:
@@ -66,40 +58,6 @@ def layer_spec(config: TransformerConfig, vp_stage: int | None = None) -> Module
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage), layer_norm=norm)
 
 
-def validate_hf_config(hf_config: PretrainedConfig, tp_size: int, pp_size: int, vpp_size: int | None = None) -> None:
-    """Refuse HF configs this actor cannot represent, naming the field and the fix."""
-    if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(
-            f"model config field 'model_type' is {hf_config.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}"
-        )
-    heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
-    if heads % tp_size or groups % tp_size:
-        raise ConfigError(
-            f"parallel.tensor_model_parallel_size={tp_size} must divide num_attention_heads={heads} "
-            f"and num_key_value_heads={groups} of the model config; choose a divisor of {groups}"
-        )
-    if hf_config.num_hidden_layers % (pp_size * (vpp_size or 1)):
-        raise ConfigError(
-            f"parallel.pipeline_model_parallel_size={pp_size} × parallel.virtual_pipeline_model_parallel_size="
-            f"{vpp_size or 1} must divide num_hidden_layers={hf_config.num_hidden_layers} of the model config"
-        )
-    rope_theta(hf_config)  # present and plausible
-    rope_type = (getattr(hf_config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope_type != "default":
-        raise ConfigError(f"model config field 'rope_parameters.rope_type' is {rope_type!r}; only 'default' RoPE is supported")
-
-
-def rope_theta(hf_config: PretrainedConfig) -> float:
-    """RoPE base of an HF config (``rope_theta``, or ``rope_parameters['rope_theta']`` in transformers 5)."""
-    params = getattr(hf_config, "rope_parameters", None) or {}
-    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
-    if theta is None:
-        raise ConfigError("model config has no 'rope_theta'; Qwen2.5 uses 1000000.0")
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 1:
-        raise ConfigError(f"model config field 'rope_theta' is {theta!r}; it must be a number > 1 (Qwen2.5: 1000000.0)")
-    return float(theta)
-
-
 def transformer_config_from_hf(
     hf_config: PretrainedConfig,
     tp_size: int,
@@ -115,10 +73,6 @@ def transformer_config_from_hf(
     """
     vpp_size = vpp_size if vpp_size and vpp_size > 1 else None
     validate_hf_config(hf_config, tp_size, pp_size, vpp_size)
-    eps = hf_config.rms_norm_eps
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1e-2:
-        raise ConfigError(f"model config field 'rms_norm_eps' is {eps!r}; expected a small positive number (Qwen2.5-32B: 1e-05)")
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
         num_layers=hf_config.num_hidden_layers,
@@ -126,13 +80,13 @@ def transformer_config_from_hf(
         ffn_hidden_size=hf_config.intermediate_size,
         num_attention_heads=hf_config.num_attention_heads,
         num_query_groups=hf_config.num_key_value_heads,
-        kv_channels=head_dim,
+        kv_channels=head_dim(hf_config),
         gated_linear_unit=True,
         activation_func=F.silu,
         normalization="RMSNorm",
         layernorm_epsilon=hf_config.rms_norm_eps,
         add_bias_linear=False,
-        add_qkv_bias=hf_config.model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
+        add_qkv_bias=has_qkv_bias(hf_config),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         bias_activation_fusion=False,

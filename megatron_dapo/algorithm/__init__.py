@@ -5,6 +5,7 @@ from megatron_dapo.algorithm.dynamic_sampling import dynamic_sampling_keep
 from megatron_dapo.algorithm.overlong import overlong_filter_mask, overlong_penalty
 from megatron_dapo.algorithm.policy_loss import (
     LOSS_AGG_MODES,
+    PolicyLossConfig,
     aggregate_loss_terms,
     aggregation_weights,
     clipped_pg_losses,
@@ -16,6 +17,7 @@ from megatron_dapo.algorithm.policy_loss import (
 
 __all__ = [
     "LOSS_AGG_MODES",
+    "PolicyLossConfig",
     "aggregate_loss_terms",
     "aggregation_weights",
     "clipped_pg_losses",

@@ -9,7 +9,7 @@ def dynamic_sampling_keep(acc: torch.Tensor) -> torch.Tensor:
     """Which groups carry a learning signal.
 
     Args:
-        acc: ``[num_groups, G]`` raw correctness (0/1 or bool) — never the shaped reward (pitfall 4).
+        acc: ``[num_groups, G]`` raw correctness (0/1 or bool) — never the shaped reward (docs/pitfalls.md, 4).
 
     Returns:
         bool ``[num_groups]``, True where ``0 < #correct < G``.

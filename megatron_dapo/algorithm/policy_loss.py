@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """What the per-token DAPO loss needs: clip range, dual clip, aggregation, KL weight, the sampling
+    temperature (applied to the training logits exactly as the engine applied it) and the
+    ``seq-mean-token-sum-norm`` length (the maximum response length)."""
+
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.28
+    clip_ratio_c: float | None = 10.0
+    loss_agg_mode: str = "token-mean"
+    kl_coef: float = 0.0
+    temperature: float = 1.0
+    norm_length: int | None = None
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -136,5 +153,5 @@ def kl_penalty_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.T
 
 
 def truncated_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap: float = 2.0) -> torch.Tensor:
-    """Truncated importance weights ``min(exp(logp_train_old − logp_rollout), cap)`` per token (pitfall 2)."""
+    """Truncated importance weights ``min(exp(logp_train_old − logp_rollout), cap)`` per token (docs/pitfalls.md, 2)."""
     return torch.exp((old_logprobs - rollout_logprobs).clamp(max=20.0)).clamp(max=cap)

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import datasets
 
+from megatron_dapo.errors import UserError
 
-class DatasetFormatError(ValueError):
+
+class DatasetFormatError(UserError, ValueError):
     """A data file or row does not follow the DAPO-Math schema; the message names file, row and field."""
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_dapo.errors import ConfigError
+
 
 class PromptSampler:
     """Yields prompt indices in a seeded per-epoch permutation; ``state_dict`` resumes exactly."""
@@ -36,8 +38,8 @@ class PromptSampler:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state["num_prompts"] != self.num_prompts:
-            raise ValueError(
-                f"sampler state is for {state['num_prompts']} prompts, the dataset has {self.num_prompts}: "
-                "resume with the same data.train_files"
+            raise ConfigError(
+                f"the checkpoint's data cursor is for {state['num_prompts']} prompts, data.train_files hold "
+                f"{self.num_prompts}: resume with the same data.train_files, or set trainer.resume=false"
             )
         self.epoch, self.cursor, self.seed = state["epoch"], state["cursor"], state["seed"]

@@ -2,7 +2,7 @@
 
 ``dapo_loss_terms`` takes per-token log-probs from any op (autograd flows through them);
 ``fused_linear_dapo_loss_terms`` goes from hidden states straight to the loss with ``fused_linear_loss``.
-Both use the same per-token loss, ``dapo_token_losses``.
+Both use the same per-token loss, ``dapo_token_losses``. See docs/design.md, "Loss normalisation".
 """
 
 from __future__ import annotations
@@ -10,8 +10,13 @@ from __future__ import annotations
 import torch
 from torch.distributed import ProcessGroup
 
-from megatron_dapo.algorithm import aggregate_loss_terms, aggregation_weights, clipped_pg_losses, kl_penalty_k3
-from megatron_dapo.config import AlgorithmConfig
+from megatron_dapo.algorithm import (
+    PolicyLossConfig,
+    aggregate_loss_terms,
+    aggregation_weights,
+    clipped_pg_losses,
+    kl_penalty_k3,
+)
 from megatron_dapo.ops.fused_linear_loss import fused_linear_loss
 
 # Per-micro-batch sums, added over micro-batches and DP ranks after a step, then normalised.
@@ -21,7 +26,7 @@ LOSS_INPUT_KEYS = ("old_logprobs", "advantages", "loss_mask", "rollout_is_weight
 
 
 def dapo_token_losses(
-    logprobs: torch.Tensor, inputs: dict[str, torch.Tensor], algorithm: AlgorithmConfig
+    logprobs: torch.Tensor, inputs: dict[str, torch.Tensor], loss: PolicyLossConfig
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
     """Per-token loss (clipped policy gradient, + ``kl_coef``·k3 when ``ref_logprobs`` are given), metrics, k3."""
     loss_mat, pg_metrics = clipped_pg_losses(
@@ -29,39 +34,41 @@ def dapo_token_losses(
         inputs["old_logprobs"],
         inputs["advantages"],
         inputs["loss_mask"],
-        algorithm.clip_ratio_low,
-        algorithm.clip_ratio_high,
-        algorithm.clip_ratio_c,
+        loss.clip_ratio_low,
+        loss.clip_ratio_high,
+        loss.clip_ratio_c,
         inputs.get("rollout_is_weights"),
     )
     kl = None
     if "ref_logprobs" in inputs:
         kl = kl_penalty_k3(logprobs, inputs["ref_logprobs"])
-        loss_mat = loss_mat + algorithm.kl_coef * kl
+        loss_mat = loss_mat + loss.kl_coef * kl
     return loss_mat, pg_metrics, kl
 
 
 def dapo_loss_terms(
-    logprobs: torch.Tensor, micro_batch: dict[str, torch.Tensor], algorithm: AlgorithmConfig, norm_length: int
+    logprobs: torch.Tensor, micro_batch: dict[str, torch.Tensor], loss: PolicyLossConfig
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Loss numerator, its count (tokens for ``token-mean``, sequences otherwise) and metric sums.
 
     ``logprobs`` ``[batch, seq]`` come from the current policy; ``micro_batch`` holds ``old_logprobs``,
-    ``advantages``, ``loss_mask`` and optionally ``rollout_is_weights`` and ``ref_logprobs``.
+    ``advantages``, ``loss_mask`` and optionally ``rollout_is_weights`` and ``ref_logprobs``. Every returned
+    tensor lives on ``logprobs``' device.
     """
     mask = micro_batch["loss_mask"]
-    loss_mat, pg_metrics, kl = dapo_token_losses(logprobs, micro_batch, algorithm)
-    numerator, count = aggregate_loss_terms(loss_mat, mask, algorithm.loss_agg_mode, norm_length)
+    loss_mat, pg_metrics, kl = dapo_token_losses(logprobs, micro_batch, loss)
+    numerator, count = aggregate_loss_terms(loss_mat, mask, loss.loss_agg_mode, loss.norm_length)
     tokens = mask.sum()
+    zero = torch.zeros((), device=logprobs.device)
     sums = {
         "loss_numerator": numerator.detach(),
         "loss_count": count,
         "tokens": tokens,
         "clip_high": pg_metrics["pg_clipfrac/high"] * tokens,
         "clip_low": pg_metrics["pg_clipfrac/low"] * tokens,
-        "clip_dual": pg_metrics.get("pg_clipfrac/dual", torch.zeros(())) * tokens,
+        "clip_dual": pg_metrics.get("pg_clipfrac/dual", zero) * tokens,
         "ppo_kl": pg_metrics["ppo_kl"] * tokens,
-        "kl": torch.zeros(()) if kl is None else (kl.detach() * mask).sum(),
+        "kl": zero if kl is None else (kl.detach() * mask).sum(),
     }
     return numerator, count, sums
 
@@ -70,24 +77,22 @@ def fused_linear_dapo_loss_terms(
     hidden: torch.Tensor,
     weight_shard: torch.Tensor,
     micro_batch: dict[str, torch.Tensor],
-    algorithm: AlgorithmConfig,
-    norm_length: int,
+    loss: PolicyLossConfig,
     vocab_size: int,
-    temperature: float,
     group: ProcessGroup | None,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """As ``dapo_loss_terms``, from the last hidden states ``[batch, seq, H]`` and the output weight shard."""
-    weights, count = aggregation_weights(micro_batch["loss_mask"], algorithm.loss_agg_mode, norm_length)
+    weights, count = aggregation_weights(micro_batch["loss_mask"], loss.loss_agg_mode, loss.norm_length)
     flat = {k: micro_batch[k].reshape(1, -1) for k in LOSS_INPUT_KEYS if k in micro_batch}
     flat_weights = weights.reshape(1, -1)
 
     def chunk_loss(chunk_logprob: torch.Tensor, part: slice) -> torch.Tensor:
-        loss_mat, _, _ = dapo_token_losses(chunk_logprob.unsqueeze(0), {k: v[:, part] for k, v in flat.items()}, algorithm)
+        loss_mat, _, _ = dapo_token_losses(chunk_logprob.unsqueeze(0), {k: v[:, part] for k, v in flat.items()}, loss)
         return (loss_mat * flat_weights[:, part]).sum()
 
     numerator, logprobs, _ = fused_linear_loss(
-        hidden, weight_shard, micro_batch["labels"], chunk_loss, vocab_size, temperature, group, chunk_size
+        hidden, weight_shard, micro_batch["labels"], chunk_loss, vocab_size, loss.temperature, group, chunk_size
     )
-    _, _, sums = dapo_loss_terms(logprobs, micro_batch, algorithm, norm_length)  # metrics of the same log-probs
+    _, _, sums = dapo_loss_terms(logprobs, micro_batch, loss)  # metrics of the same log-probs
     return numerator, count, sums

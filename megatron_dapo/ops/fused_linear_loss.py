@@ -13,17 +13,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from megatron_dapo.ops.logprobs import (
-    _accumulate_linear_grads,
-    _all_reduce,
-    _chunk_logits,
-    _logit_grad,
-    _shard_offset,
-    _softmax_stats,
-)
+from megatron_dapo.ops.vocab_parallel import fused_linear_chunks
 
 ChunkLoss = Callable[[torch.Tensor, slice], torch.Tensor]
 
@@ -33,29 +25,20 @@ class FusedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, vocab_size, temperature, group, chunk_size, chunk_loss):
-        vocab_start = _shard_offset(weight.shape[0], group)
-        num_tokens = hidden.shape[0]
-        logprob = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
-        entropy = torch.empty_like(logprob)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden, dtype=torch.float32)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-        for start in range(0, num_tokens, chunk_size):
-            part = slice(start, start + chunk_size)
-            z = _chunk_logits(hidden[part], weight, vocab_start, vocab_size, temperature)
-            log_normaliser, target, mean_logit = _softmax_stats(z, labels[part], vocab_start, group)
-            logprob[part], entropy[part] = target - log_normaliser, log_normaliser - mean_logit
+
+        def grads_of(part: slice, chunk_logprob: torch.Tensor):
             with torch.enable_grad():
-                chunk_logprob = logprob[part].clone().requires_grad_(True)
+                chunk_logprob = chunk_logprob.clone().requires_grad_(True)
                 chunk_value = chunk_loss(chunk_logprob, part)
                 (grad_logprob,) = torch.autograd.grad(chunk_value, chunk_logprob)
-            loss += chunk_value.detach()
-            grad_z = _logit_grad(z, labels[part], vocab_start, log_normaliser, mean_logit, grad_logprob, None, temperature)
-            _accumulate_linear_grads(grad_z, hidden, weight, part, grad_hidden, grad_weight)
-        _all_reduce(grad_hidden, dist.ReduceOp.SUM, group)  # hidden is replicated over TP
-        ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
-        ctx.mark_non_differentiable(logprob, entropy)
-        return loss, logprob, entropy
+            loss.add_(chunk_value.detach())
+            return grad_logprob, None
+
+        result = fused_linear_chunks(hidden, weight, labels, vocab_size, temperature, group, chunk_size, grads_of)
+        ctx.save_for_backward(result.grad_hidden.to(hidden.dtype), result.grad_weight.to(weight.dtype))
+        ctx.mark_non_differentiable(result.logprob, result.entropy)
+        return loss, result.logprob, result.entropy
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logprob, _grad_entropy):

@@ -1,6 +1,6 @@
-"""Rollout engines behind one interface."""
+"""Rollout engines behind one interface, and the generation rounds that turn prompts into scored groups."""
 
-from megatron_dapo.rollout.base import RolloutEngine, RolloutSample
+from megatron_dapo.rollout.base import RolloutEngine
 from megatron_dapo.rollout.hf_engine import HFRolloutEngine
 
-__all__ = ["HFRolloutEngine", "RolloutEngine", "RolloutSample"]
+__all__ = ["HFRolloutEngine", "RolloutEngine"]

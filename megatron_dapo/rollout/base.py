@@ -3,31 +3,22 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import torch
 
-Bucket = list[tuple[str, torch.Tensor]]
-
-
-@dataclass
-class RolloutSample:
-    """One sampled response.
-
-    ``token_ids``: response tokens (the stop token included when the engine stopped on it);
-    ``logprobs``: the engine's log-probability of each of them under the sampling distribution
-    (temperature applied, renormalised over the top-p nucleus); ``finish_reason``: ``"stop"`` or ``"length"``.
-    """
-
-    prompt_index: int
-    token_ids: list[int]
-    logprobs: list[float]
-    finish_reason: str
+from megatron_dapo.samples import RolloutSample
+from megatron_dapo.weights.transfer import Bucket
 
 
 class RolloutEngine(ABC):
-    """Generates samples and receives new weights by Hugging Face name."""
+    """Generates samples and receives new weights by Hugging Face name.
+
+    ``weight_dtype`` is a property of the engine class: every rank (not only the engine's) needs it to size
+    the resharder's buffers, so it is known without an engine instance.
+    """
+
+    weight_dtype: ClassVar[torch.dtype]
 
     @abstractmethod
     def generate(

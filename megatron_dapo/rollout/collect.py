@@ -10,22 +10,14 @@ from transformers import PreTrainedTokenizerBase
 from megatron_dapo.algorithm import dynamic_sampling_keep, overlong_penalty
 from megatron_dapo.config import AlgorithmConfig, RolloutConfig
 from megatron_dapo.data import PromptRecord, PromptSampler
+from megatron_dapo.errors import UserError
 from megatron_dapo.reward import compute_score
-from megatron_dapo.rollout.base import RolloutEngine, RolloutSample
+from megatron_dapo.rollout.base import RolloutEngine
+from megatron_dapo.samples import Group, RolloutSample
 
 
-class DynamicSamplingError(RuntimeError):
+class DynamicSamplingError(UserError, RuntimeError):
     """Too few groups with reward spread after the allowed number of generation rounds."""
-
-
-@dataclass
-class Group:
-    """The G samples of one prompt with their correctness and (shaped) rewards."""
-
-    prompt_ids: list[int]
-    samples: list[RolloutSample]
-    acc: list[float]  # raw correctness 0/1: what dynamic sampling filters on
-    rewards: list[float]  # ±1 plus the overlong penalty: what advantages are computed from
 
 
 @dataclass

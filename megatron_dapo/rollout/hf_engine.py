@@ -11,11 +11,16 @@ from typing import Iterable
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from megatron_dapo.rollout.base import Bucket, RolloutEngine, RolloutSample
+from megatron_dapo.errors import different_models
+from megatron_dapo.rollout.base import RolloutEngine
+from megatron_dapo.samples import RolloutSample
+from megatron_dapo.weights.transfer import Bucket
 
 
 class HFRolloutEngine(RolloutEngine):
     """Rollout engine over an in-process ``transformers`` model (fp32, CPU)."""
+
+    weight_dtype = torch.float32
 
     def __init__(self, model: PreTrainedModel, pad_token_id: int, eos_token_id: int, seed: int = 0) -> None:
         self.model = model.eval()
@@ -79,9 +84,11 @@ class HFRolloutEngine(RolloutEngine):
             for name, tensor in bucket:
                 param = self._params.get(name)
                 if param is None:
-                    raise KeyError(f"rollout engine model has no parameter {name!r}")
+                    raise different_models(f"the rollout engine's model has no parameter {name!r} (sent by the actor)", "actor")
                 if param.shape != tensor.shape:
-                    raise ValueError(f"weight {name}: engine shape {tuple(param.shape)} != sent {tuple(tensor.shape)}")
+                    raise different_models(
+                        f"weight {name}: the rollout engine's shape {tuple(param.shape)} != the actor's {tuple(tensor.shape)}", "actor"
+                    )
                 param.copy_(tensor)
 
     def state_dict(self) -> dict:

@@ -1,15 +1,15 @@
 """Colocated SGLang rollout engine (GPU only) behind ``RolloutEngine``.
 
-Written against SGLang 0.5.23's offline ``sglang.Engine`` (see ../shared/reference/environment.md). It has
+Written against SGLang 0.5.23's offline ``sglang.Engine``. It has
 not run here: SGLang needs CUDA. Its call sequence is tested against a labelled fake engine
 (tests/unit/test_sglang_engine.py).
 
 Colocation: the engine shares the trainer's GPUs. Before training, ``release_memory`` frees its weights,
-KV cache and CUDA graphs (``enable_memory_saver``) and waits until the memory is really free (pitfall 16);
+KV cache and CUDA graphs (``enable_memory_saver``) and waits until the memory is really free (docs/pitfalls.md, 16);
 before a weight sync ``resume_memory`` brings back the weights only; ``update_weights`` streams buckets as
 flattened per-dtype tensors shared by CUDA IPC, flushes the KV/prefix cache with the last bucket only
-(pitfall 14), aborts in-flight requests first, runs ``torch.cuda.ipc_collect`` after each bucket and never
-reuses a send buffer (pitfall 15), then brings back the KV cache and CUDA graphs.
+(docs/pitfalls.md, 14), aborts in-flight requests first, runs ``torch.cuda.ipc_collect`` after each bucket and never
+reuses a send buffer (docs/pitfalls.md, 15), then brings back the KV cache and CUDA graphs.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from typing import Callable, Iterable
 
 import torch
 
-from megatron_dapo.rollout.base import Bucket, RolloutEngine, RolloutSample
+from megatron_dapo.rollout.base import RolloutEngine
+from megatron_dapo.samples import RolloutSample
+from megatron_dapo.weights.transfer import Bucket
 
 MEMORY_TAGS_AFTER_SYNC = ["kv_cache", "cuda_graph"]
 

@@ -25,7 +25,9 @@ from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from transformers import PretrainedConfig
 
-from megatron_dapo.weights.hf_mapping import CheckpointMismatchError, ModelLayout, megatron_to_hf, param_mapping
+from megatron_dapo.errors import CheckpointNotFoundError, different_models
+from megatron_dapo.model_config import ModelLayout, has_qkv_bias
+from megatron_dapo.weights.hf_mapping import megatron_to_hf, param_mapping
 from megatron_dapo.weights.safetensors_io import TensorSpec
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -44,7 +46,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return iteration_dir(path, int(tracker.read_text().strip()))
     if (path / "metadata.json").exists():
         return path
-    raise FileNotFoundError(f"{path}: not a Megatron checkpoint (no metadata.json) nor a save folder (no {TRACKER_FILE})")
+    raise CheckpointNotFoundError(
+        f"{path}: not a Megatron checkpoint (no metadata.json) nor a save folder (no {TRACKER_FILE}); "
+        "point at an iter_* folder or at the folder holding latest_checkpointed_iteration.txt"
+    )
 
 
 def latest_checkpoint(save_dir: str | Path) -> Path | None:
@@ -55,10 +60,6 @@ LAYER_KEY = "decoder.layers."
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
 OUTPUT_KEY = "output_layer.weight"
 FINAL_NORM_KEY = "decoder.final_layernorm.weight"
-
-
-def _has_qkv_bias(hf_config: PretrainedConfig) -> bool:
-    return hf_config.model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False))
 
 
 def megatron_shapes(hf_config: PretrainedConfig) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -80,7 +81,7 @@ def megatron_shapes(hf_config: PretrainedConfig) -> dict[str, tuple[tuple[int, .
         f"{LAYER_KEY}mlp.linear_fc2.weight": ((layers, h, ffn), "intermediate_size, hidden_size"),
         FINAL_NORM_KEY: ((h,), "hidden_size"),
     }
-    if _has_qkv_bias(hf_config):
+    if has_qkv_bias(hf_config):
         shapes[f"{LAYER_KEY}self_attention.linear_qkv.bias"] = ((layers, qkv_rows), heads)
     if not layout.tie_word_embeddings:
         shapes[OUTPUT_KEY] = ((layout.vocab_size, h), "vocab_size, hidden_size")
@@ -107,24 +108,15 @@ def check_checkpoint_matches_config(metadata: dict, hf_config: PretrainedConfig,
     for key, (shape, fields) in megatron_shapes(hf_config).items():
         if key not in metadata:
             hint = " (tie_word_embeddings)" if key == OUTPUT_KEY else ""
-            raise CheckpointMismatchError(f"{source} has no tensor {key!r}{hint}: the config and the checkpoint belong to different models")
+            raise different_models(f"{source} has no tensor {key!r}{hint}")
         got = tuple(metadata[key].size)
         if key in (EMBEDDING_KEY, OUTPUT_KEY):
             if got[1:] != shape[1:] or not shape[0] <= got[0]:
-                raise CheckpointMismatchError(
-                    f"{source}: {key} has shape {got}, the config's {fields} imply ({shape[0]} padded, {shape[1]}): "
-                    "the config and the checkpoint belong to different models"
-                )
+                raise different_models(f"{source}: {key} has shape {got}, the config's {fields} imply ({shape[0]} padded, {shape[1]})")
         elif key.startswith(LAYER_KEY) and got[0] != shape[0]:
-            raise CheckpointMismatchError(
-                f"{source} has {got[0]} layers, the config's num_hidden_layers is {shape[0]}: "
-                "the config and the checkpoint belong to different models"
-            )
+            raise different_models(f"{source} has {got[0]} layers, the config's num_hidden_layers is {shape[0]}")
         elif got != shape:
-            raise CheckpointMismatchError(
-                f"{source}: {key} has shape {got}, the config's {fields} imply {shape}: "
-                "the config and the checkpoint belong to different models"
-            )
+            raise different_models(f"{source}: {key} has shape {got}, the config's {fields} imply {shape}")
 
 
 class _BoxLoadPlanner(DefaultLoadPlanner):

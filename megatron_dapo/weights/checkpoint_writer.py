@@ -13,9 +13,10 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedTensor
 from transformers import PretrainedConfig
 
-from megatron_dapo.actor.model import padded_vocab_size, validate_hf_config
+from megatron_dapo.errors import different_models
+from megatron_dapo.model_config import ModelLayout, padded_vocab_size, validate_hf_config
 from megatron_dapo.weights.checkpoint_reader import LAYER_KEY, checkpoint_param_mapping, megatron_shapes, tensor_order
-from megatron_dapo.weights.hf_mapping import CheckpointMismatchError, ModelLayout, TensorReader, hf_to_megatron, megatron_to_hf
+from megatron_dapo.weights.hf_mapping import TensorReader, hf_to_megatron, megatron_to_hf
 
 
 def check_hf_weights_match_config(reader: TensorReader, hf_config: PretrainedConfig, source: str) -> None:
@@ -29,10 +30,7 @@ def check_hf_weights_match_config(reader: TensorReader, hf_config: PretrainedCon
         for name, expected in zip(mapping.hf_names, megatron_to_hf(mapping, placeholders, layout)):
             got = reader.shape(name)
             if got != tuple(expected.shape):
-                raise CheckpointMismatchError(
-                    f"{source}: {name} has shape {got}, the config's {fields} imply {tuple(expected.shape)}: "
-                    "the config and the weights belong to different models"
-                )
+                raise different_models(f"{source}: {name} has shape {got}, the config's {fields} imply {tuple(expected.shape)}", "weights")
     last = f"model.layers.{hf_config.num_hidden_layers - 1}.input_layernorm.weight"
     reader.shape(last)  # raises naming the tensor when the weights have fewer layers
 

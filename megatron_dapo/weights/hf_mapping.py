@@ -5,11 +5,11 @@ A Megatron parameter (by its name inside one pipeline stage) maps to one or more
 
 - ``replicated``: norms; identical on every TP rank.
 - ``vocab``: embedding / output rows, padded to Megatron's padded vocabulary, split by rows. Padding is
-  stripped on export (pitfall 9).
+  stripped on export (docs/pitfalls.md, 9).
 - ``row``: row-parallel linears (``linear_proj``, ``linear_fc2``), split by columns.
 - ``qkv``: HF q/k/v interleaved per KV group as ``[q_1 … q_{h/g}, k, v] × g`` (weight and bias), then split
-  by rows: a TP shard owns whole KV groups (pitfall 7).
-- ``gate_up``: each TP shard is ``[gate_r; up_r]`` (pitfall 8).
+  by rows: a TP shard owns whole KV groups (docs/pitfalls.md, 7).
+- ``gate_up``: each TP shard is ``[gate_r; up_r]`` (docs/pitfalls.md, 8).
 
 ``hf_to_megatron`` reads through a ``TensorReader`` and asks only for the rows/columns its TP shard needs,
 so a rank importing a 32B checkpoint reads its slices, not whole tensors.
@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
+
+from megatron_dapo.errors import CheckpointMismatchError, different_models
+from megatron_dapo.model_config import ModelLayout
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
@@ -54,28 +57,6 @@ _GLOBAL_MAP: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 @dataclass(frozen=True)
-class ModelLayout:
-    """What the layout transforms need to know about the model (from the HF config)."""
-
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    vocab_size: int
-    tie_word_embeddings: bool
-
-    @classmethod
-    def from_hf_config(cls, hf_config) -> "ModelLayout":
-        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-        return cls(
-            num_attention_heads=hf_config.num_attention_heads,
-            num_key_value_heads=hf_config.num_key_value_heads,
-            head_dim=head_dim,
-            vocab_size=hf_config.vocab_size,
-            tie_word_embeddings=bool(hf_config.tie_word_embeddings),
-        )
-
-
-@dataclass(frozen=True)
 class ParamMapping:
     """How one Megatron parameter relates to HF tensors."""
 
@@ -88,7 +69,7 @@ def param_mapping(megatron_name: str, global_layer_index: int | None, layout: Mo
     """Mapping of a stage-local Megatron parameter name; ``global_layer_index`` for ``decoder.layers.*``.
 
     With tied embeddings the output layer (a copy Megatron keeps on the last pipeline stage) maps to
-    ``model.embed_tokens.weight``: HF has no ``lm_head.weight`` then (pitfall 10).
+    ``model.embed_tokens.weight``: HF has no ``lm_head.weight`` then (docs/pitfalls.md, 10).
     """
     match = _LAYER.match(megatron_name)
     if match:
@@ -104,10 +85,6 @@ def param_mapping(megatron_name: str, global_layer_index: int | None, layout: Mo
     if megatron_name == "output_layer.weight" and layout.tie_word_embeddings:
         hf_names = ("model.embed_tokens.weight",)
     return ParamMapping(megatron_name, kind, hf_names)
-
-
-class CheckpointMismatchError(ValueError):
-    """Weights do not fit the model being built (missing tensors, other shapes, another model's config)."""
 
 
 class TensorReader(Protocol):
@@ -139,10 +116,7 @@ def check_slice(name: str, shape: tuple[int, ...], dim: int, start: int, stop: i
     size = shape[dim] if shape else 1
     stop = size if stop is None else stop
     if stop > size:
-        raise CheckpointMismatchError(
-            f"tensor {name!r} has {size} entries along dim {dim}, the model config needs {stop}: "
-            "checkpoint and model config belong to different models"
-        )
+        raise different_models(f"tensor {name!r} has {size} entries along dim {dim}, the config needs {stop}", "weights")
     return stop
 
 
@@ -189,10 +163,7 @@ def hf_to_megatron(
     if kind == "vocab":
         rows = reader.shape(names[0])[0]
         if rows != layout.vocab_size:
-            raise CheckpointMismatchError(
-                f"model config field 'vocab_size' is {layout.vocab_size} but {names[0]} has {rows} rows: "
-                "the config and the weights belong to different models"
-            )
+            raise different_models(f"model config field 'vocab_size' is {layout.vocab_size} but {names[0]} has {rows} rows", "weights")
         if padded_rows is None or padded_rows < rows or padded_rows % tp_size:
             raise ValueError(f"{mapping.megatron_name}: padded vocabulary {padded_rows} does not fit {rows} rows / TP {tp_size}")
         per_rank = padded_rows // tp_size

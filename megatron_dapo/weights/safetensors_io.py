@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from megatron_dapo.weights.hf_mapping import CheckpointMismatchError, check_slice
+from megatron_dapo.errors import CheckpointMismatchError
+from megatron_dapo.weights.hf_mapping import check_slice
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_dapo.errors import different_models
+from megatron_dapo.model_config import ModelLayout
 from megatron_dapo.weights.hf_mapping import (
-    CheckpointMismatchError,
-    ModelLayout,
     ParamMapping,
     TensorReader,
     hf_to_megatron,
@@ -29,8 +29,6 @@ from megatron_dapo.weights.hf_mapping import (
 )
 from megatron_dapo.weights.safetensors_io import SafetensorsReader, TensorSpec
 from megatron_dapo.weights.shared_memory import Arena, SharedRegions, same_host
-
-__all__ = ["CheckpointMismatchError", "load_hf_checkpoint", "stream_hf_buckets", "unwrap", "local_param_mappings"]
 
 DEFAULT_BUCKET_BYTES = 512 * 1024**2
 Bucket = list[tuple[str, torch.Tensor]]
@@ -70,9 +68,9 @@ def load_weights(model: ModelChunks, reader: TensorReader, layout: ModelLayout, 
     for param, mapping in local_param_mappings(model, layout):
         shard = hf_to_megatron(mapping, reader, layout, tp_rank, tp_size, padded_rows=param.shape[0] * tp_size)
         if shard.shape != param.shape:
-            raise CheckpointMismatchError(
+            raise different_models(
                 f"{source}: {mapping.hf_names} give {mapping.megatron_name} shape {tuple(shard.shape)}, the model "
-                f"expects {tuple(param.shape)}: checkpoint and model config belong to different models"
+                f"expects {tuple(param.shape)}", "weights"
             )
         with torch.no_grad():
             param.copy_(shard)
@@ -84,8 +82,14 @@ def load_hf_checkpoint(model: ModelChunks, hf_dir: str | Path, layout: ModelLayo
 
 
 # ---------------------------------------------------------------------------------- streaming resharder
-def _weights(param: torch.nn.Parameter) -> torch.Tensor:
+def weights_of(param: torch.nn.Parameter) -> torch.Tensor:
+    """What the resharder gathers by default: the parameter's values."""
     return param.detach()
+
+
+def gradients_of(param: torch.nn.Parameter) -> torch.Tensor:
+    """The parameter's accumulated gradient (megatron DDP's ``main_grad``)."""
+    return param.main_grad
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,7 @@ def hf_plan(
     model: ModelChunks,
     layout: ModelLayout,
     dtype: torch.dtype,
-    tensor_of: Callable[[torch.nn.Parameter], torch.Tensor] = _weights,
+    tensor_of: Callable[[torch.nn.Parameter], torch.Tensor] = weights_of,
 ) -> list[_Entry]:
     """Every exported parameter of every stage, in stage order (collective over the pipeline group)."""
     local = []
@@ -181,7 +185,7 @@ def stream_hf_buckets(
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     to_all_ranks: bool = False,
     dtype: torch.dtype = torch.float32,
-    tensor_of: Callable[[torch.nn.Parameter], torch.Tensor] = _weights,
+    tensor_of: Callable[[torch.nn.Parameter], torch.Tensor] = weights_of,
 ) -> Iterator[Bucket]:
     """Full HF-named tensors, a bucket of about ``bucket_bytes`` at a time. Collective: every rank iterates.
 
@@ -244,7 +248,7 @@ _ARENA = Arena()
 def _stream_through_shared_memory(model, layout, buckets, dtype, tensor_of) -> Iterator[Bucket]:
     """Owners (data-parallel rank 0 of each stage, every TP rank) write their shards of a bucket into their
     shared region; rank 0 merges them into a reused arena and yields views. Two barriers per bucket keep
-    a region from being overwritten while it is read (pitfall 15's rule, on CPU)."""
+    a region from being overwritten while it is read (docs/pitfalls.md, 15: the same rule on CPU)."""
     exported = _exported(model, layout)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     owner = parallel_state.get_data_parallel_rank() == 0

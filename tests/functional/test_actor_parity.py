@@ -3,21 +3,23 @@
 import pytest
 import torch
 
-from megatron_dapo.actor.actor import MegatronActor
 from megatron_dapo.algorithm import policy_loss
-from megatron_dapo.config import load_config
+from megatron_dapo.batch import build_training_batch
+from megatron_dapo.errors import CheckpointMismatchError
 from megatron_dapo.rollout import HFRolloutEngine
+from megatron_dapo.samples import Group
 from megatron_dapo.weights.hf_mapping import megatron_to_hf
+from megatron_dapo.weights.sync import hf_state_dict
 from megatron_dapo.weights.transfer import local_param_mappings
 
-from .tiny_models import make_tiny_qwen2
+from ..helpers import build_actor, hf_logprobs, make_tiny_qwen2, test_config
 
 
 def _config(**overrides):
     base = {"parallel.micro_batch_size": 8, "optimizer.lr_warmup_steps": 0, "optimizer.clip_grad": 1e9,
             "optimizer.weight_decay": 0.0, "rollout.temperature": 1.0, "algorithm.loss_agg_mode": "token-mean"}
     base.update(overrides)
-    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+    return test_config(**base)
 
 
 def _random_batch(seed=0, num=8, width=20, vocab=50):
@@ -35,11 +37,6 @@ def _random_batch(seed=0, num=8, width=20, vocab=50):
     return {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask, "advantages": advantages}
 
 
-def _hf_logprobs(model, batch, temperature):
-    logits = model(input_ids=batch["input_ids"]).logits.float() / temperature
-    return torch.log_softmax(logits, -1).gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
-
-
 LOSS_IMPLS = ["naive", "fused", "fused_linear"]
 
 
@@ -48,11 +45,11 @@ LOSS_IMPLS = ["naive", "fused", "fused_linear"]
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_logprobs_match_transformers(megatron_world, tmp_path, tied, temperature, loss_impl):
     reference = make_tiny_qwen2(tmp_path, tied)
-    actor = MegatronActor(_config(**{"model.loss_impl": loss_impl}), str(tmp_path), total_steps=1)
+    actor = build_actor(_config(**{"model.loss_impl": loss_impl}), str(tmp_path))
     batch = _random_batch()
     logprobs, entropy = actor.compute_logprobs(batch, temperature)
     with torch.no_grad():
-        expected = _hf_logprobs(reference, batch, temperature)
+        expected = hf_logprobs(reference, batch, temperature)
         probs = torch.softmax(reference(input_ids=batch["input_ids"]).logits / temperature, -1)
         expected_entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
     mask = batch["loss_mask"].bool()
@@ -75,17 +72,17 @@ def _megatron_grads_by_hf_name(actor):
 @pytest.mark.parametrize("micro_batch_size", [8, 2, 1])
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
 def test_train_step_gradients_equal_full_batch_reference(megatron_world, tmp_path, micro_batch_size, mode, tied, loss_impl):
-    """Pitfall 1: any micro-batch split gives the single-batch gradient of the step's loss, for every loss op."""
+    """docs/pitfalls.md, 1: any micro-batch split gives the single-batch gradient of the step's loss, for every loss op."""
     reference = make_tiny_qwen2(tmp_path, tied=tied)
     overrides = {"parallel.micro_batch_size": micro_batch_size, "algorithm.loss_agg_mode": mode, "model.loss_impl": loss_impl}
-    actor = MegatronActor(_config(**overrides), str(tmp_path), total_steps=1)
+    actor = build_actor(_config(**overrides), str(tmp_path))
     batch = _random_batch(seed=1)
     with torch.no_grad():
-        old = _hf_logprobs(reference, batch, 1.0) + 0.3 * torch.randn(batch["labels"].shape)  # ratios != 1
+        old = hf_logprobs(reference, batch, 1.0) + 0.3 * torch.randn(batch["labels"].shape)  # ratios != 1
     batch["old_logprobs"] = old
     metrics = actor.train_step(batch)
 
-    logprobs = _hf_logprobs(reference, batch, 1.0)
+    logprobs = hf_logprobs(reference, batch, 1.0)
     loss, _ = policy_loss(logprobs, old, batch["advantages"], batch["loss_mask"], clip_ratio_c=10.0,
                           loss_agg_mode=mode, norm_length=20480)
     loss.backward()
@@ -100,7 +97,7 @@ def test_train_step_gradients_equal_full_batch_reference(megatron_world, tmp_pat
 
 def test_weight_sync_makes_engine_match_actor(megatron_world, tmp_path):
     make_tiny_qwen2(tmp_path, tied=False)
-    actor = MegatronActor(_config(**{"optimizer.lr": 0.01}), str(tmp_path), total_steps=1)
+    actor = build_actor(_config(**{"optimizer.lr": 0.01}), str(tmp_path))
     batch = _random_batch(seed=2)
     batch["old_logprobs"], _ = actor.compute_logprobs(batch, 1.0)
     actor.train_step(batch)  # weights move
@@ -108,39 +105,32 @@ def test_weight_sync_makes_engine_match_actor(megatron_world, tmp_path):
     actor_logprobs, _ = actor.compute_logprobs(batch, 1.0)
     mask = batch["loss_mask"].bool()
     with torch.no_grad():
-        stale = _hf_logprobs(engine.model, batch, 1.0)
-        engine.update_weights([list(actor.hf_state_dict().items())])
-        synced = _hf_logprobs(engine.model, batch, 1.0)
+        stale = hf_logprobs(engine.model, batch, 1.0)
+        engine.update_weights([list(hf_state_dict(actor.model_chunks, actor.layout).items())])
+        synced = hf_logprobs(engine.model, batch, 1.0)
     assert (stale - actor_logprobs)[mask].abs().max() > 1e-2  # the step changed the policy
     assert (synced - actor_logprobs)[mask].abs().max() < 1e-4
 
 
 def test_engine_sampling_logprobs_match_actor_at_temperature(megatron_world, tmp_path):
-    """Pitfall 3: the engine's reported log-probs are the actor's at the same temperature (left-padded prompts)."""
+    """The engine's reported log-probs are the actor's at the same temperature (docs/pitfalls.md, 3), through the
+    trainer's own batch building (left-padded prompts in the engine, right-padded sequences in the batch)."""
     make_tiny_qwen2(tmp_path, tied=True)
-    actor = MegatronActor(_config(), str(tmp_path), total_steps=1)
+    actor = build_actor(_config(), str(tmp_path))
     engine = HFRolloutEngine.from_pretrained(str(tmp_path), pad_token_id=0, eos_token_id=1, seed=3)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
     samples = engine.generate(prompts, n=2, temperature=0.7, top_p=1.0, max_new_tokens=6)
-    width = max(len(prompts[s.prompt_index]) + len(s.token_ids) for s in samples)
-    input_ids = torch.zeros(len(samples), width, dtype=torch.long)
-    mask, rollout = torch.zeros(len(samples), width), torch.zeros(len(samples), width)
-    for row, sample in enumerate(samples):
-        sequence = prompts[sample.prompt_index] + sample.token_ids
-        input_ids[row, : len(sequence)] = torch.tensor(sequence)
-        start = len(prompts[sample.prompt_index]) - 1
-        mask[row, start : len(sequence) - 1] = 1
-        rollout[row, start : len(sequence) - 1] = torch.tensor(sample.logprobs)
-    labels = torch.cat([input_ids[:, 1:], torch.zeros(len(samples), 1, dtype=torch.long)], dim=1)
-    logprobs, _ = actor.compute_logprobs({"input_ids": input_ids, "labels": labels, "loss_mask": mask}, 0.7)
+    groups = [Group(prompt, samples[2 * i : 2 * i + 2], [1.0, 0.0], [1.0, -1.0]) for i, prompt in enumerate(prompts)]
+    batch = build_training_batch(groups, pad_token_id=0, overlong_filtering=False)
+    logprobs, _ = actor.compute_logprobs(batch, 0.7)
+    mask = batch["loss_mask"].bool()
     assert all(max(s.token_ids) < 50 for s in samples)
-    assert (logprobs - rollout)[mask.bool()].abs().max() < 1e-4
+    assert mask.sum() == sum(len(s.token_ids) for s in samples)
+    assert (logprobs - batch["rollout_logprobs"])[mask].abs().max() < 1e-4
 
 
 def test_checkpoint_of_another_model_is_refused(megatron_world, tmp_path):
     import shutil
-
-    from megatron_dapo.weights.transfer import CheckpointMismatchError
 
     make_tiny_qwen2(tmp_path / "small", tied=False)
     other = make_tiny_qwen2(tmp_path / "other", tied=False)
@@ -148,14 +138,12 @@ def test_checkpoint_of_another_model_is_refused(megatron_world, tmp_path):
     other.config.save_pretrained(tmp_path / "mixed")
     shutil.copy(tmp_path / "small" / "model.safetensors", tmp_path / "mixed" / "model.safetensors")
     with pytest.raises(CheckpointMismatchError, match="different models"):
-        MegatronActor(_config(), str(tmp_path / "mixed"), total_steps=1)
+        build_actor(_config(), str(tmp_path / "mixed"))
 
 
 def test_config_with_another_vocab_size_is_refused_naming_the_field(megatron_world, tmp_path):
-    from megatron_dapo.weights.transfer import CheckpointMismatchError
-
     model = make_tiny_qwen2(tmp_path, tied=False)
     model.config.vocab_size = 64  # the weights have 50 rows
     model.config.save_pretrained(tmp_path)
     with pytest.raises(CheckpointMismatchError, match="'vocab_size' is 64 but model.embed_tokens.weight has 50 rows"):
-        MegatronActor(_config(), str(tmp_path), total_steps=1)
+        build_actor(_config(), str(tmp_path))

@@ -3,9 +3,12 @@
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+import pytest
+
+from ..helpers import ROOT
+
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: minutes on 2 cores
 
 
 def test_fused_loss_benchmark_quick():

@@ -16,11 +16,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from .test_cli import ROOT
-from .tiny_models import make_tiny_qwen2
+from ..helpers import ROOT, build_actor, hf_logprobs, make_tiny_qwen2, test_config
+
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: minutes on 2 cores
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-WORKER = "tests/functional/workers/checkpoint_worker.py"
+WORKER = ["-m", "tests.functional.workers.checkpoint_worker"]
 
 
 def _run(command, expect_ok=True):
@@ -51,11 +52,6 @@ def _assert_bit_identical(got_dir, want_dir):
         assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
 
 
-def _logprobs(model, batch):
-    logits = model(input_ids=batch["input_ids"]).logits.float()
-    return torch.log_softmax(logits, -1).gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
-
-
 def _batch():
     generator = torch.Generator().manual_seed(3)
     input_ids = torch.randint(2, 50, (4, 24), generator=generator)
@@ -69,7 +65,7 @@ def _batch():
 def _layout_logprobs(tmp, name, hf_dir, checkpoint, nproc, tp, pp, *extra):
     out = tmp / f"{name}.pt"
     launcher = [*TORCHRUN, "--nproc-per-node", str(nproc)] if nproc > 1 else [sys.executable]
-    _run([*launcher, WORKER, "--hf-dir", str(hf_dir), "--batch", str(tmp / "batch.pt"), "--out", str(out),
+    _run([*launcher, *WORKER, "--hf-dir", str(hf_dir), "--batch", str(tmp / "batch.pt"), "--out", str(out),
           "--tp", str(tp), "--pp", str(pp), "--megatron-checkpoint", str(checkpoint), *extra])
     return torch.load(out)
 
@@ -82,7 +78,7 @@ def test_conversions_round_trip_under_any_layout(tmp_path, tied):
     torch.save(batch, tmp_path / "batch.pt")
     mask = batch["loss_mask"].bool()
     with torch.no_grad():
-        expected = _logprobs(original, batch)
+        expected = hf_logprobs(original, batch)
 
     _convert("hf_to_megatron.py", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "mg_tp1"))
     tp2pp2 = _layout_logprobs(tmp_path, "tp2pp2", tmp_path / "decoy", tmp_path / "mg_tp1", 4, 2, 2,
@@ -95,7 +91,7 @@ def test_conversions_round_trip_under_any_layout(tmp_path, tied):
     _assert_bit_identical(tmp_path / "from_ckpt", tmp_path / "hf")  # checkpoint saved at TP2×PP2 → HF, offline
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "from_ckpt", dtype=torch.float32)
     with torch.no_grad():
-        assert (_logprobs(reloaded, batch) - tp2pp2)[mask].abs().max() < 1e-5
+        assert (hf_logprobs(reloaded, batch) - tp2pp2)[mask].abs().max() < 1e-5
         logits_got = reloaded(input_ids=batch["input_ids"]).logits
         logits_want = original(input_ids=batch["input_ids"]).logits
     assert torch.equal(logits_got, logits_want)
@@ -130,14 +126,12 @@ def test_converters_refuse_a_config_of_another_model(tmp_path):
 
 
 def test_checkpoint_with_another_rope_base_is_refused(megatron_world, tmp_path):
-    from megatron_dapo.actor.actor import MegatronActor
-    from megatron_dapo.config import load_config
-    from megatron_dapo.weights.hf_mapping import CheckpointMismatchError
+    from megatron_dapo.errors import CheckpointMismatchError
 
     model = make_tiny_qwen2(tmp_path / "hf", tied=False)
     _convert("hf_to_megatron.py", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "mg"))
     model.config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
     model.save_pretrained(tmp_path / "rope10k")
-    config = load_config(None, [f"model.megatron_checkpoint={tmp_path / 'mg'}"])
+    config = test_config(f"model.megatron_checkpoint={tmp_path / 'mg'}")
     with pytest.raises(CheckpointMismatchError, match="'rope_theta' is 10000.0 but checkpoint .* rope_theta=1000000.0"):
-        MegatronActor(config, str(tmp_path / "rope10k"), total_steps=1)
+        build_actor(config, tmp_path / "rope10k")

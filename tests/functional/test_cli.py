@@ -2,15 +2,14 @@
 
 import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-TOY_CONFIG = ROOT / "examples" / "configs" / "toy_cpu.yaml"
+from ..helpers import run_cli
+
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: minutes on 2 cores
+
 FINAL_LINE = re.compile(r"^eval accuracy: before=(\d\.\d+) after=(\d\.\d+)$")
 REQUIRED_METRICS = [
     "actor/pg_loss", "actor/grad_norm", "reward/mean", "acc/mean", "response_length/mean",
@@ -18,11 +17,6 @@ REQUIRED_METRICS = [
     "sampling/num_gen_batches", "sampling/kept_group_frac", "rollout/train_logprob_abs_diff",
     "timing/generate", "timing/old_logprob", "timing/train", "timing/sync", "timing/step",
 ]
-
-
-def run_cli(*overrides, timeout=900):
-    command = [sys.executable, "-m", "megatron_dapo", "train", "--config", str(TOY_CONFIG), "logging.progress_bar=false", *overrides]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def _final_accuracies(result):

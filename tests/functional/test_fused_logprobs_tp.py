@@ -6,7 +6,8 @@ import torch.multiprocessing as mp
 
 from megatron_dapo.ops import fused_linear_logprobs_entropy, vocab_parallel_logprobs_entropy
 
-from ..unit.test_fused_logprobs import PADDED, VOCAB, _inputs, reference
+from ..helpers import PADDED, VOCAB, dapo_micro_batch, loss_op_inputs, naive_dapo_loss
+from ..helpers import reference_logprobs_entropy as reference
 
 TP = 2
 
@@ -16,7 +17,7 @@ def _check_rank(rank: int, init_file: str) -> None:
     group = dist.group.WORLD
     shard = slice(rank * PADDED // TP, (rank + 1) * PADDED // TP)  # rank 1's half holds the padding
     for temperature in (1.0, 0.7):
-        hidden, weight, labels, (g_lp, g_h) = _inputs(seed=4)
+        hidden, weight, labels, (g_lp, g_h) = loss_op_inputs(seed=4)
         ref_hidden, ref_weight = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
         ref_logprob, ref_entropy = reference(ref_hidden @ ref_weight.t(), labels, temperature)
         ((ref_logprob * g_lp).sum() + (ref_entropy * g_h).sum()).backward()
@@ -48,21 +49,19 @@ def test_tp2_matches_full_vocabulary_reference(tmp_path):
 
 
 def _check_dapo_loss_rank(rank: int, init_file: str) -> None:
-    from megatron_dapo.config import AlgorithmConfig
+    from megatron_dapo.algorithm import PolicyLossConfig
     from megatron_dapo.ops.dapo_loss import fused_linear_dapo_loss_terms
-
-    from ..unit.test_fused_logprobs import dapo_micro_batch, naive_dapo_loss
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=TP)
     shard = slice(rank * PADDED // TP, (rank + 1) * PADDED // TP)
-    algorithm = AlgorithmConfig(clip_ratio_c=3.0, kl_coef=0.1)
-    hidden, weight, labels, _ = _inputs(seed=7)
+    loss = PolicyLossConfig(clip_ratio_c=3.0, kl_coef=0.1, temperature=0.7, norm_length=16)
+    hidden, weight, labels, _ = loss_op_inputs(seed=7)
     batch = dapo_micro_batch(labels)
     ref_hidden, ref_weight = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    ref_numerator, _, _ = naive_dapo_loss(ref_hidden, ref_weight, batch, algorithm, 0.7)
+    ref_numerator, _, _ = naive_dapo_loss(ref_hidden, ref_weight, batch, loss)
     ref_numerator.backward()
     fused_hidden, weight_shard = hidden.clone().requires_grad_(True), weight[shard].clone().requires_grad_(True)
-    numerator, _, _ = fused_linear_dapo_loss_terms(fused_hidden, weight_shard, batch, algorithm, 16, VOCAB, 0.7, dist.group.WORLD, 5)
+    numerator, _, _ = fused_linear_dapo_loss_terms(fused_hidden, weight_shard, batch, loss, VOCAB, dist.group.WORLD, 5)
     numerator.backward()
     assert abs(numerator.item() - ref_numerator.item()) < 1e-5
     assert torch.allclose(fused_hidden.grad, ref_hidden.grad, atol=1e-5)

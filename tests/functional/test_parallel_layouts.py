@@ -14,8 +14,9 @@ import torch
 
 from megatron_dapo.algorithm import policy_loss
 
-from .test_cli import ROOT
-from .tiny_models import make_tiny_qwen2
+from ..helpers import ROOT, hf_logprobs, make_tiny_qwen2
+
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: minutes on 2 cores
 
 LAYOUTS = {
     "tp2-dp2-sp-fused_linear": ["--tp", "2", "--micro", "2", "--sp", "--loss-impl", "fused_linear"],
@@ -25,11 +26,6 @@ LAYOUTS = {
 }
 MODES = ("token-mean", "seq-mean-token-mean")
 RESPONSE_LENGTHS = [1, 37, 2, 30, 3, 5, 24, 1, 12, 36, 4, 8, 2, 17, 33, 6]
-
-
-def _logprobs(model, batch):
-    logits = model(input_ids=batch["input_ids"]).logits.float()
-    return torch.log_softmax(logits, -1).gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
 
 
 def _batch(reference) -> dict:
@@ -45,7 +41,7 @@ def _batch(reference) -> dict:
     advantages = torch.randn(num, 1, generator=generator).expand(num, width).contiguous()
     batch = {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask, "advantages": advantages}
     with torch.no_grad():
-        batch["old_logprobs"] = _logprobs(reference, batch) + 0.3 * torch.randn(num, width, generator=generator)
+        batch["old_logprobs"] = hf_logprobs(reference, batch) + 0.3 * torch.randn(num, width, generator=generator)
     return batch
 
 
@@ -60,7 +56,7 @@ def work(tmp_path_factory):
 
 def _launch(work, name, args, nproc=4):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               "tests/functional/workers/layout_worker.py", "--work", str(work), "--name", name, *args]
+               "-m", "tests.functional.workers.layout_worker", "--work", str(work), "--name", name, *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -78,11 +74,11 @@ def test_layout_matches_single_process_reference(work, layout):
     mask = batch["loss_mask"].bool()
     for model_name, reference in references.items():
         with torch.no_grad():
-            expected_logprobs = _logprobs(reference, batch)
+            expected_logprobs = hf_logprobs(reference, batch)
         assert (results[f"{model_name}/logprobs"] - expected_logprobs)[mask].abs().max() < 1e-5, model_name
         for mode in MODES:
             reference.zero_grad()
-            loss, _ = policy_loss(_logprobs(reference, batch), batch["old_logprobs"], batch["advantages"],
+            loss, _ = policy_loss(hf_logprobs(reference, batch), batch["old_logprobs"], batch["advantages"],
                                   batch["loss_mask"], clip_ratio_c=10.0, loss_agg_mode=mode)
             loss.backward()
             assert results[f"{model_name}/{mode}/loss"] == pytest.approx(loss.item(), rel=1e-5)
@@ -100,7 +96,7 @@ def test_distributed_optimizer_step_matches_adamw_reference(work):
     results = _launch(work_dir, "tp2-dp2-distopt", ["--tp", "2", "--micro", "4", "--distopt"])
     for model_name, reference in references.items():
         reference.zero_grad()
-        loss, _ = policy_loss(_logprobs(reference, batch), batch["old_logprobs"], batch["advantages"],
+        loss, _ = policy_loss(hf_logprobs(reference, batch), batch["old_logprobs"], batch["advantages"],
                               batch["loss_mask"], clip_ratio_c=10.0, loss_agg_mode="token-mean")
         loss.backward()
         before = {name: p.detach().clone() for name, p in reference.named_parameters()}

@@ -1,4 +1,4 @@
-"""Pitfall 6: a run killed after step 1 and resumed equals the uninterrupted run (model, Adam state, LR
+"""docs/pitfalls.md, 6: a run killed after step 1 and resumed equals the uninterrupted run (model, Adam state, LR
 schedule, data cursor, rollout sampling and engine weights all restored); a half-written checkpoint is
 never the latest."""
 
@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from .test_cli import run_cli
+from ..helpers import run_cli
+
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: minutes on 2 cores
 
 SMALL = ["toy_model.sft_steps=300", "algorithm.max_num_gen_batches=0", "data.toy_num_val=4", "rollout.val_n=2",
          "trainer.save_interval=1", "trainer.export_hf=false", "optimizer.lr_warmup_steps=2"]

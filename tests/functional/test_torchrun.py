@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from .test_cli import ROOT, TOY_CONFIG
+from ..helpers import ROOT, TOY_CONFIG
+
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: minutes on 2 cores
 
 SMALL_RUN = ["trainer.max_steps=2", "toy_model.sft_steps=300", "algorithm.max_num_gen_batches=0",
              "data.toy_num_val=4", "rollout.val_n=2", "logging.progress_bar=false"]

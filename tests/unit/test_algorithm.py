@@ -118,7 +118,7 @@ def test_unknown_aggregation_mode_names_the_key():
 
 
 def test_global_token_mean_over_micro_batches_equals_full_batch():
-    """Pitfall 1: per-micro-batch shares with the step's token count add up to the full-batch loss/grad."""
+    """docs/pitfalls.md, 1: per-micro-batch shares with the step's token count add up to the full-batch loss/grad."""
     torch.manual_seed(0)
     logprobs = (torch.randn(6, 10) * 0.1 - 1.0).requires_grad_(True)
     old = logprobs.detach() + torch.randn(6, 10) * 0.2

@@ -1,5 +1,6 @@
 """Config loading, overrides and validation errors that name the key."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,37 @@ def test_unknown_key_and_wrong_type():
         load_config(None, ["optimizer.lr=fast"])
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config(None, ["trainer.max_steps"])
+
+
+def test_every_option_is_listed_with_its_documentation():
+    import dataclasses
+
+    from megatron_dapo.config import DapoConfig, describe_options
+
+    lines = describe_options(load_config(CONFIGS / "toy_cpu.yaml"))
+    keys = [f"{s.name}.{f.name}" for s in dataclasses.fields(DapoConfig) for f in dataclasses.fields(getattr(DapoConfig(), s.name))]
+    assert [line.split(" = ")[0] for line in lines] == keys
+    assert all(line.split("  # ", 1)[1].strip() for line in lines)  # a non-empty line of documentation each
+    assert "rollout.n = 8  # G: samples per prompt" in lines  # the file's value, not the default
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("algorithm.clip_ratio_c=1.0", "algorithm.clip_ratio_c=1.0 must be > 1"),
+        ("algorithm.tis_cap=0", "algorithm.tis_cap=0.0 must be > 0"),
+        ("rollout.temperature=0", "rollout.temperature=0.0 must be > 0"),
+        ("trainer.max_steps=-1", "trainer.max_steps=-1 must be >= 0"),
+        ("parallel.micro_batch_size=0", "parallel.micro_batch_size=0 must be at least 1"),
+    ],
+)
+def test_value_ranges_are_checked_before_any_work(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(CONFIGS / "toy_cpu.yaml", [override]).validate(world_size=1)
+
+
+def test_choices_are_checked_when_loading():
+    with pytest.raises(ConfigError, match=re.escape("model.loss_impl='fast' must be one of ['naive', 'fused', 'fused_linear']")):
+        load_config(None, ["model.loss_impl=fast"])
+    with pytest.raises(ConfigError, match="config file .*missing.yaml not found"):
+        load_config(CONFIGS / "missing.yaml")

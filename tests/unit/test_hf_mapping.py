@@ -1,12 +1,12 @@
-"""Megatron ⇄ HF layouts (pitfalls 7–10) against layouts built by explicit loops."""
+"""Megatron ⇄ HF layouts (docs/pitfalls.md, 7–10) against layouts built by explicit loops."""
 
 import pytest
 import torch
 
+from megatron_dapo.errors import CheckpointMismatchError
+from megatron_dapo.model_config import ModelLayout
 from megatron_dapo.weights.hf_mapping import (
-    CheckpointMismatchError,
     DictReader,
-    ModelLayout,
     hf_to_megatron,
     megatron_to_hf,
     param_mapping,

@@ -3,7 +3,8 @@
 import pytest
 from transformers import LlamaConfig, Qwen2Config
 
-from megatron_dapo.actor.model import padded_vocab_size, rope_theta, transformer_config_from_hf
+from megatron_dapo.actor.model import transformer_config_from_hf
+from megatron_dapo.model_config import padded_vocab_size, rope_theta
 
 
 def _qwen(**kwargs):
@@ -29,7 +30,7 @@ def test_llama_has_no_qkv_bias():
 
 
 def test_padded_vocab_matches_megatron_rule():
-    assert padded_vocab_size(152064, 128, 8) == 152576  # pitfall 9
+    assert padded_vocab_size(152064, 128, 8) == 152576  # docs/pitfalls.md, 9
     assert padded_vocab_size(152064, 128, 1) == 152064
 
 
@@ -40,7 +41,7 @@ def test_padded_vocab_matches_megatron_rule():
         ({"num_attention_heads": 6, "num_key_value_heads": 6}, 4, 1, "num_attention_heads"),
         ({}, 1, 3, "num_hidden_layers"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}}, 1, 1, "rope_type"),
-        ({"rope_theta": 0.0}, 1, 1, "rope_theta"),  # pitfall 11: a base that is no RoPE base
+        ({"rope_theta": 0.0}, 1, 1, "rope_theta"),  # docs/pitfalls.md, 11: a base that is no RoPE base
         ({"rms_norm_eps": 0.5}, 1, 1, "rms_norm_eps"),
     ],
 )

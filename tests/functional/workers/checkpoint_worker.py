@@ -10,11 +10,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_dapo.actor.actor import MegatronActor
-from megatron_dapo.checkpointing import save_checkpoint
-from megatron_dapo.config import load_config
 from megatron_dapo.distributed import destroy_distributed, initialize_distributed
-from megatron_dapo.trainer import export_hf
+from megatron_dapo.weights.sync import export_hf
+from tests.helpers import build_actor, test_config
 
 
 def main() -> None:
@@ -33,12 +31,12 @@ def main() -> None:
                  "parallel.micro_batch_size=2"]
     if args.megatron_checkpoint:
         overrides.append(f"model.megatron_checkpoint={args.megatron_checkpoint}")
-    actor = MegatronActor(load_config(None, overrides), args.hf_dir, total_steps=1)
+    actor = build_actor(test_config(*overrides), args.hf_dir)
     logprobs, _ = actor.compute_logprobs(torch.load(args.batch), 1.0)
     if args.save:
-        save_checkpoint(actor, args.save, 1, {"step": 1}, tokenizer=None)
-    if args.export:
-        export_hf(actor, Path(args.export), tokenizer=None, bucket_mb=0)  # 0 MB: a bucket per parameter
+        actor.save_checkpoint(args.save, 1, {"step": 1}, tokenizer=None)
+    if args.export:  # 0 bytes: a bucket per parameter
+        export_hf(actor.model_chunks, actor.layout, actor.hf_config, Path(args.export), tokenizer=None, bucket_bytes=0)
     if dist.get_rank() == 0:
         torch.save(logprobs, args.out)
     destroy_distributed()

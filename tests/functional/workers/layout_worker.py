@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_dapo.actor.actor import MegatronActor
-from megatron_dapo.config import load_config
 from megatron_dapo.distributed import destroy_distributed, initialize_distributed
+from megatron_dapo.weights.sync import hf_state_dict
+from megatron_dapo.weights.transfer import gradients_of
+from tests.helpers import build_actor, test_config
 
 MODES = ("token-mean", "seq-mean-token-mean")
 
@@ -38,21 +39,20 @@ def main() -> None:
         "optimizer.lr": 1e-3, "optimizer.lr_warmup_steps": 0, "optimizer.weight_decay": 0.0,
         "optimizer.clip_grad": 1e9, "rollout.temperature": 1.0,
     }
-    config = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
     results: dict[str, object] = {}
     for model_name in ("untied", "tied"):
-        actor = MegatronActor(config, str(args.work / model_name), total_steps=1)
-        results[f"{model_name}/logprobs"] = actor.compute_logprobs(batch, 1.0)[0]
-        if args.distopt:  # the distributed optimizer keeps only a reduced shard of each gradient
-            actor.config.algorithm.loss_agg_mode = "token-mean"
-            actor.train_step(batch)
-            results[f"{model_name}/params_after_step"] = actor.hf_state_dict()
-            continue
-        for mode in MODES:
-            actor.config.algorithm.loss_agg_mode = mode
+        hf_dir = args.work / model_name
+        for mode in MODES[:1] if args.distopt else MODES:  # the distributed optimizer keeps only a gradient shard
+            actor = build_actor(test_config(**overrides, **{"algorithm.loss_agg_mode": mode}), hf_dir)
+            if mode == MODES[0]:
+                results[f"{model_name}/logprobs"] = actor.compute_logprobs(batch, 1.0)[0]
+            if args.distopt:
+                actor.train_step(batch)
+                results[f"{model_name}/params_after_step"] = hf_state_dict(actor.model_chunks, actor.layout)
+                continue
             sums = actor.forward_backward(batch)
             results[f"{model_name}/{mode}/loss"] = sums["loss_numerator"] / sums["loss_count"]
-            results[f"{model_name}/{mode}/grads"] = actor.hf_state_dict(gradients=True)
+            results[f"{model_name}/{mode}/grads"] = hf_state_dict(actor.model_chunks, actor.layout, gradients_of)
     if dist.get_rank() == 0:
         torch.save(results, args.work / f"{args.name}.pt")
     destroy_distributed()

@@ -1,0 +1,31 @@
+"""The sample and group types shared by rollout (which produces them) and training (which consumes them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class RolloutSample:
+    """One sampled response.
+
+    ``token_ids``: response tokens (the stop token included when the engine stopped on it);
+    ``logprobs``: the engine's log-probability of each of them under the sampling distribution
+    (temperature applied; not renormalised over a top-p nucleus); ``finish_reason``: ``"stop"`` or
+    ``"length"`` (``"abort"`` for requests cancelled before they finished).
+    """
+
+    prompt_index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+
+
+@dataclass
+class Group:
+    """The G samples of one prompt with their correctness and (shaped) rewards."""
+
+    prompt_ids: list[int]
+    samples: list[RolloutSample]
+    acc: list[float]  # raw correctness 0/1: what dynamic sampling filters on
+    rewards: list[float]  # ±1 plus the overlong penalty: what advantages are computed from

@@ -1,0 +1,123 @@
+"""Helpers shared by several test files: the CLI, tiny HF models, reference log-probs, actors, loss inputs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY_CONFIG = ROOT / "examples" / "configs" / "toy_cpu.yaml"
+
+
+def run_cli(*overrides: str, timeout: int = 900, command: str = "train", config: Path | None = TOY_CONFIG, env=None):
+    """``python -m megatron_dapo <command> --config <config> <overrides>`` in a fresh process, as a user runs it."""
+    args = [sys.executable, "-m", "megatron_dapo", command]
+    if config is not None:
+        args += ["--config", str(config)]
+    if command == "train":
+        args.append("logging.progress_bar=false")
+    return subprocess.run([*args, *overrides], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def make_tiny_qwen2(path, tied: bool, seed: int = 0, num_layers: int = 2) -> Qwen2ForCausalLM:
+    """A random Qwen2 with GQA, QKV bias, and a vocabulary (50) that Megatron pads (to 128), saved to ``path``."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=tied,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # large random weights (and non-zero biases) so that layout errors show
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)
+    model.save_pretrained(path)
+    return model
+
+
+def hf_logprobs(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+    """Reference per-token log-probs of ``batch['labels']`` from a ``transformers`` model (full vocabulary)."""
+    logits = model(input_ids=batch["input_ids"]).logits.float() / temperature
+    return torch.log_softmax(logits, -1).gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
+
+
+def test_config(*overrides: str, **keyed: object):
+    """A ``DapoConfig`` from the defaults and ``key.sub=value`` overrides (keyword form: ``{"a.b": v}``)."""
+    from megatron_dapo.config import load_config
+
+    return load_config(None, [*overrides, *(f"{k}={v}" for k, v in keyed.items())])
+
+
+test_config.__test__ = False  # not a test
+
+
+def build_actor(config, hf_dir, total_steps: int = 1):
+    """The Megatron actor as the trainer builds it, from ``config``'s sections."""
+    from megatron_dapo.actor.actor import MegatronActor
+
+    return MegatronActor(
+        str(hf_dir), config.model, config.parallel, config.optimizer, config.policy_loss(), total_steps=total_steps
+    )
+
+
+# ---------------------------------------------------------------- inputs of the loss-op tests
+VOCAB, PADDED, HIDDEN = 37, 48, 16  # a vocabulary padded the way Megatron pads it
+
+
+def reference_logprobs_entropy(logits: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """Plain autograd over the real vocabulary only (the padding columns dropped), in float64."""
+    log_probs = torch.log_softmax(logits[..., :VOCAB].double() / temperature, dim=-1)
+    logprob = log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return logprob, entropy
+
+
+def loss_op_inputs(dtype=torch.float32, seed: int = 0):
+    """Hidden states ``[3, 10, H]``, a padded output weight, labels and two upstream gradients."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(3, 10, HIDDEN, generator=generator).to(dtype)
+    weight = torch.randn(PADDED, HIDDEN, generator=generator).to(dtype)
+    labels = torch.randint(0, VOCAB, (3, 10), generator=generator)
+    upstream = torch.randn(3, 10, generator=generator), torch.randn(3, 10, generator=generator)
+    return hidden, weight, labels, upstream
+
+
+def dapo_micro_batch(labels: torch.Tensor, seed: int = 5, with_ref: bool = True) -> dict:
+    """Side inputs of the DAPO loss for ``labels [b, s]``: masks with different lengths, ratios around 1."""
+    generator = torch.Generator().manual_seed(seed)
+    b, s = labels.shape
+    mask = torch.zeros(b, s)
+    for row in range(b):
+        mask[row, : 2 + 3 * row] = 1
+    batch = {
+        "labels": labels,
+        "loss_mask": mask,
+        "old_logprobs": -3.0 + 0.5 * torch.randn(b, s, generator=generator),
+        "advantages": torch.randn(b, 1, generator=generator).expand(b, s).contiguous(),
+        "rollout_is_weights": torch.rand(b, s, generator=generator) + 0.5,
+    }
+    if with_ref:
+        batch["ref_logprobs"] = -3.0 + 0.5 * torch.randn(b, s, generator=generator)
+    return batch
+
+
+def naive_dapo_loss(hidden, weight, batch, loss):
+    """The DAPO loss terms through the naive (full-vocabulary) log-prob op: the reference for the fused ones."""
+    from megatron_dapo.ops import naive_logprobs_entropy
+    from megatron_dapo.ops.dapo_loss import dapo_loss_terms
+
+    logprobs, _ = naive_logprobs_entropy(hidden @ weight.t(), batch["labels"], VOCAB, loss.temperature)
+    return dapo_loss_terms(logprobs, batch, loss)
