@@ -5,7 +5,8 @@ import os
 from setuptools import find_packages, setup
 
 # CPU hosts (and CI) use the CPU build of torch 2.13.0. GPU hosts running SGLang 0.5.23 need the CUDA
-# torch it pins: set MEGATRON_DAPO_TORCH_VERSION=2.14.1 when installing with the `gpu` extra.
+# torch it pins: set MEGATRON_DAPO_TORCH_VERSION=2.14.1 when installing with the `gpu` extra. Everything else
+# is pinned once for both: transformers/tokenizers at the versions SGLang 0.5.23 pins.
 TORCH_VERSION = os.environ.get("MEGATRON_DAPO_TORCH_VERSION", "2.13.0")
 
 setup(
@@ -17,8 +18,8 @@ setup(
     install_requires=[
         f"torch=={TORCH_VERSION}",
         "megatron-core==0.16.1",
-        "transformers==5.23.0",
-        "tokenizers==0.23.3",
+        "transformers==5.19.0",  # = sglang 0.5.23's pin
+        "tokenizers==0.23.2",  # = sglang 0.5.23's pin
         "safetensors==0.8.0",
         "datasets==5.2.0",
         "tensorboard==2.21.0",
@@ -30,7 +31,8 @@ setup(
     ],
     extras_require={
         # GPU hosts only; never installed on CPU hosts (a half-installed TE breaks `import megatron.core`).
-        "gpu": ["transformer-engine[pytorch]==2.20.0", "sglang==0.5.23"],
+        # TE 2.11.0: the newest release in megatron-core 0.16.1's tested range (>=2.9,<2.12, its `dev` extra).
+        "gpu": ["transformer-engine[pytorch]==2.11.0", "sglang==0.5.23"],
         "launch": ["nemo-run==0.11.1", "leptonai==0.27.3"],
         "dev": ["pytest==9.2.0"],
     },

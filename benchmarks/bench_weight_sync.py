@@ -3,9 +3,11 @@
 A Qwen2-shaped model of a few hundred MB (fp32, random weights) is built under TP=2 × PP=2 (4 processes on
 one host, CPU). Global rank 0 receives every full Hugging Face tensor from ``stream_hf_buckets`` — the
 resharder — for several bucket sizes, once on its own and once also copying each tensor into a
-preallocated HF-layout destination (what the CPU rollout engine does with a bucket). The baseline is
-one ``copy_`` of the same number of bytes inside rank 0: the physical limit of moving them once in
-memory. The last line is the resharder's throughput at the default 512 MB buckets over memcpy's.
+preallocated HF-layout destination (what the CPU rollout engine does with a bucket), through both
+transports: shared memory (the CPU default) and collectives (the GPU path: TP all-gather, pipeline
+send/recv; here over gloo). The baseline is one ``copy_`` of the same number of bytes inside rank 0: the
+physical limit of moving them once in memory. The last line is the default transport's throughput at
+512 MB buckets over memcpy's; the line before it the collectives transport's.
 
     python benchmarks/bench_weight_sync.py            # ~590 MB model
     python benchmarks/bench_weight_sync.py --quick    # ~26 MB model, seconds
@@ -29,6 +31,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 MB = 1024**2
 BUCKETS_MB = {"512 MB buckets (default)": 512, "32 MB buckets": 32, "per tensor": 0}
+DEFAULT = "512 MB buckets (default)"
+TRANSPORTS = {"shared_memory": BUCKETS_MB, "collectives": {DEFAULT: 512}}
 
 
 def model_config(quick: bool):
@@ -67,18 +71,19 @@ def worker(quick: bool, repeats: int, out: Path) -> None:
             times.append(time.perf_counter() - start)
         results["memcpy"] = min(times)
         del source, target
-    for label, bucket_mb in BUCKETS_MB.items():
-        for into_engine in (False, True):
-            times = []
-            for _ in range(repeats):
-                dist.barrier()
-                start = time.perf_counter()
-                for bucket in stream_hf_buckets(model, layout, bucket_mb * MB):
-                    for name, tensor in bucket if into_engine else ():
-                        destination[name].copy_(tensor)
-                dist.barrier()
-                times.append(time.perf_counter() - start)
-            results[f"{label}{' + engine copy' if into_engine else ''}"] = min(times)
+    for transport, buckets_mb in TRANSPORTS.items():
+        for label, bucket_mb in buckets_mb.items():
+            for into_engine in (False, True):
+                times = []
+                for _ in range(repeats):
+                    dist.barrier()
+                    start = time.perf_counter()
+                    for bucket in stream_hf_buckets(model, layout, bucket_mb * MB, transport=transport):
+                        for name, tensor in bucket if into_engine else ():
+                            destination[name].copy_(tensor)
+                    dist.barrier()
+                    times.append(time.perf_counter() - start)
+                results[f"{transport} {label}{' + engine copy' if into_engine else ''}"] = min(times)
     if dist.get_rank() == 0:
         out.write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -105,9 +110,10 @@ def main() -> None:
     for label in results:
         if label != "total_bytes":
             print(f"{label}: {results[label]:.3f} s, {total / 1e9 / results[label]:.2f} GB/s")
-    default = "512 MB buckets (default)"
-    print(f"per_tensor/bucketed time_ratio={results['per tensor'] / results[default]:.2f}")
+    default = f"shared_memory {DEFAULT}"
+    print(f"per_tensor/bucketed time_ratio={results['shared_memory per tensor'] / results[default]:.2f}")
     print(f"resharder+engine_copy/memcpy throughput_ratio={results['memcpy'] / results[default + ' + engine copy']:.3f}")
+    print(f"collectives resharder/memcpy throughput_ratio={results['memcpy'] / results[f'collectives {DEFAULT}']:.3f}")
     print(f"resharder/memcpy throughput_ratio={results['memcpy'] / results[default]:.3f}")
 
 if __name__ == "__main__":

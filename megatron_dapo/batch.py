@@ -40,31 +40,46 @@ def build_training_batch(groups: list[Group], pad_token_id: int, overlong_filter
     }
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch on ``device`` (the actor's): moved once, before anything combines it with model outputs."""
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
 def split_batch(batch: dict[str, torch.Tensor], chunk_size: int) -> list[dict[str, torch.Tensor]]:
     """Consecutive chunks of ``chunk_size`` samples (mini-batches for optimiser steps, micro-batches)."""
     size = next(iter(batch.values())).shape[0]
     return [{k: v[i : i + chunk_size] for k, v in batch.items()} for i in range(0, size, chunk_size)]
 
 
-def padding_aware_micro_batches(
-    batch: dict[str, torch.Tensor], micro_batch_size: int, width_multiple: int = 1, uniform_width: bool = False
-) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
-    """Micro-batches of samples sorted by length, each cut to its own longest sample.
+def sample_lengths(loss_mask: torch.Tensor) -> list[int]:
+    """Each sample's length: the end of its last ``loss_mask`` position (later positions affect nothing that is
+    trained or logged), at least 1. Host integers: the one device-to-host copy of micro-batch planning."""
+    positions = torch.arange(1, loss_mask.shape[1] + 1, device=loss_mask.device).expand_as(loss_mask)
+    return (positions * (loss_mask > 0)).amax(dim=1).clamp_min(1).tolist()
 
-    A sample's length ends at its last ``loss_mask`` position (later positions affect nothing that is
-    trained or logged). Widths are rounded up to ``width_multiple`` (TP size under sequence parallelism);
-    with ``uniform_width`` every micro-batch gets the longest sample's width (interleaved pipelines).
-    Returns the micro-batches and ``order``: micro-batch rows concatenated are ``batch`` rows ``order``.
+
+def padding_aware_micro_batches(
+    batch: dict[str, torch.Tensor],
+    micro_batch_size: int,
+    width_multiple: int = 1,
+    uniform_width: bool = False,
+    lengths: list[int] | None = None,
+) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+    """Micro-batches of samples sorted by length (longest first), each cut to its own longest sample.
+
+    ``lengths`` default to ``sample_lengths(batch["loss_mask"])``. Widths are rounded up to ``width_multiple``
+    (TP size under sequence parallelism); with ``uniform_width`` every micro-batch gets the longest sample's
+    width (interleaved pipelines). Returns the micro-batches and ``order`` (on the batch's device):
+    micro-batch rows concatenated are ``batch`` rows ``order``.
     """
-    mask = batch["loss_mask"]
-    positions = torch.arange(1, mask.shape[1] + 1).expand_as(mask)
-    lengths = (positions * (mask > 0)).amax(dim=1).clamp_min(1)
-    order = torch.argsort(lengths, descending=True, stable=True)
+    lengths = sample_lengths(batch["loss_mask"]) if lengths is None else lengths
+    ranked = sorted(range(len(lengths)), key=lambda row: -lengths[row])  # stable: ties keep batch order
+    order = torch.tensor(ranked, device=batch["loss_mask"].device)
     sorted_batch = {k: v[order] for k, v in batch.items()}
     micro_batches = []
-    for start in range(0, len(order), micro_batch_size):
-        longest = int(lengths.max() if uniform_width else lengths[order[start : start + micro_batch_size]].max())
-        width = -(-longest // width_multiple) * width_multiple
+    for start in range(0, len(ranked), micro_batch_size):
+        rows = ranked if uniform_width else ranked[start : start + micro_batch_size]
+        width = -(-max(lengths[row] for row in rows) // width_multiple) * width_multiple
         micro_batches.append({k: _fit_width(v[start : start + micro_batch_size], width) for k, v in sorted_batch.items()})
     return micro_batches, order
 

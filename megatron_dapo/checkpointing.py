@@ -16,6 +16,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.optimizer import MegatronOptimizer
@@ -27,9 +28,17 @@ from megatron_dapo.model_config import check_same_model
 from megatron_dapo.weights.checkpoint_reader import HF_CONFIG_DIR, TRACKER_FILE, iteration_dir, resolve_checkpoint
 from megatron_dapo.weights.transfer import ModelChunks, chunks_of, unwrap
 
-# The distributed optimizer's default sharding fails on CPU ("flattened_range is not supported");
-# "fully_reshardable" also lets its state load under another DP size.
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+def optimizer_metadata() -> dict[str, str]:
+    """How the distributed optimizer's state is laid out in a checkpoint.
+
+    GPU: megatron-core's default ``fully_sharded_model_space``: each rank writes views of its own fp32 shard
+    (no gather, no copy) and the checkpoint reshards over TP, PP and DP
+    (``megatron/core/optimizer/distrib_optimizer.py:1223-1226,1689-1770`` in 0.16.1). CPU: that format fails
+    ("flattened_range is not supported"), so ``fully_reshardable``, which gathers every shard's state into host
+    memory on each DP rank at each save — affordable at toy scale only.
+    """
+    sharding = "fully_sharded_model_space" if torch.cuda.is_available() else "fully_reshardable"
+    return {"distrib_optim_sharding_type": sharding}
 
 
 def model_sharded_state_dict(model: ModelChunks) -> dict:
@@ -60,7 +69,7 @@ def save_checkpoint(
     model_state = model_sharded_state_dict(model)
     state = {
         **model_state,
-        "optimizer": optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_METADATA),
+        "optimizer": optimizer.sharded_state_dict(model_state, metadata=optimizer_metadata()),
         "scheduler": scheduler.state_dict(),
         "trainer": trainer_state,
     }
@@ -93,7 +102,7 @@ def load_checkpoint(
     model_state = model_sharded_state_dict(model)
     request = dict(model_state)
     if optimizer is not None:
-        request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_METADATA)
+        request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=optimizer_metadata())
     loaded = dist_checkpointing.load(request, str(path))
     for chunk, key in zip(chunks_of(model), model_state):
         missing, unexpected = unwrap(chunk).load_state_dict(loaded[key], strict=False)

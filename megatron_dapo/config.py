@@ -41,6 +41,10 @@ class ModelConfig:
         "fused", "log-prob op: naive (gathers full-vocab logits) | fused (vocab-parallel) | fused_linear (chunked)"
     )
     loss_chunk_size: int = option(512, "tokens per chunk of the fused_linear loss")
+    bf16: bool = option(False, "bf16 weights and activations, fp32 main params, gradients and loss math (GPU configs)")
+    offload_during_rollout: bool = option(
+        False, "GPU: release the actor's memory (weights, grads, optimizer state) while engines generate"
+    )
 
 
 @dataclass
@@ -89,6 +93,9 @@ class RolloutConfig:
     val_temperature: float = option(1.0, "evaluation temperature")
     val_top_p: float = option(0.7, "evaluation nucleus")
     weight_sync_bucket_mb: int = option(512, "size of the flattened buckets the resharder sends to the engine")
+    weight_sync_transport: Literal["auto", "shared_memory", "collectives"] = option(
+        "auto", "resharder transport: shared_memory (CPU processes of one host), collectives (GPU), auto"
+    )
     sglang_tp_size: int = option(0, "SGLang engine TP size; 0: every GPU of the node")
     sglang_mem_fraction: float = option(0.6, "SGLang's mem_fraction_static (weights + KV cache share of the GPU)")
 

@@ -84,6 +84,15 @@ def initialize_distributed(
     )
 
 
+def free_device_cache() -> None:
+    """Return this rank's cached, unused GPU memory and wait for every rank to have done so (collective):
+    a colocated engine allocates only once no rank still holds blocks it freed (docs/pitfalls.md, 25)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    dist.barrier()
+
+
 def destroy_distributed() -> None:
     """Tear down megatron's groups and the default process group."""
     if parallel_state.model_parallel_is_initialized():

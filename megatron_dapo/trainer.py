@@ -17,12 +17,13 @@ from transformers import AutoTokenizer
 
 from megatron_dapo.actor.actor import MegatronActor
 from megatron_dapo.algorithm import masked_mean, truncated_is_weights
-from megatron_dapo.batch import build_training_batch, split_batch
+from megatron_dapo.batch import build_training_batch, split_batch, to_device
 from megatron_dapo.weights.checkpoint_reader import latest_checkpoint
 from megatron_dapo.config import DapoConfig
 from megatron_dapo.data import PromptSampler, load_prompt_files
 from megatron_dapo.distributed import (
     destroy_distributed,
+    free_device_cache,
     initialize_model_parallel,
     initialize_process_group,
     is_rank_zero,
@@ -32,12 +33,13 @@ from megatron_dapo.evaluation import evaluate_held_out
 from megatron_dapo.inputs import check_model_fits_layout, prepare_inputs
 from megatron_dapo.metrics import MetricsLogger, timed
 from megatron_dapo.rollout.collect import collect_training_groups
-from megatron_dapo.rollout.factory import build_rollout_engine, engine_class
+from megatron_dapo.rollout.factory import build_rollout_engine, engine_class, engine_ranks
 from megatron_dapo.weights.sync import export_hf, sync_weights
 
 
 class Job:
-    """What the steps share: the config, data, tokenizer, the actor (every rank) and the engine (rank 0)."""
+    """What the steps share: the config, data, tokenizer, the actor (every rank) and this rank's part of the
+    rollout engine (``None`` on ranks it does not span)."""
 
     def __init__(self, config: DapoConfig) -> None:
         alg, ro = config.algorithm, config.rollout
@@ -47,29 +49,50 @@ class Job:
         self.train_records = load_prompt_files(train_files)
         self.val_records = load_prompt_files(val_files) if val_files else []
         self.sampler = PromptSampler(len(self.train_records), config.trainer.seed)
+        # The engine starts first, on free GPUs (SGLang sizes its KV cache from the memory it finds), and
+        # releases its memory before the actor is built.
+        weights_by_sync = bool(config.model.megatron_checkpoint)
+        self.engine = build_rollout_engine(ro, self.hf_dir, self.tokenizer, config.trainer.seed, weights_by_sync)
+        self.engine_ranks = engine_ranks(ro)
+        self.engine_dtype = engine_class(ro).weight_dtype
+        self.release_engine()
         updates_per_step = alg.ppo_epochs * alg.train_batch_size * ro.n // alg.mini_batch_size
         self.actor = MegatronActor(
             self.hf_dir, config.model, config.parallel, config.optimizer, config.policy_loss(),
             total_steps=config.trainer.max_steps * updates_per_step,
         )
-        weights_by_sync = bool(config.model.megatron_checkpoint)
-        self.engine = run_on_rank_zero(
-            lambda: build_rollout_engine(ro, self.hf_dir, self.tokenizer, config.trainer.seed, weights_by_sync),
-            share_result=False,
-        )
-        self.engine_dtype = engine_class(ro).weight_dtype
         self.bucket_bytes = ro.weight_sync_bucket_mb * 1024**2
         self.save_dir = Path(config.trainer.save_dir or Path(config.trainer.output_dir) / "checkpoints")
 
-    def sync_weights(self) -> None:
-        """Actor → engine, resharded into HF layouts in buckets (collective)."""
+    # ------------------------------------------------------------------ the colocated phases (docs/design.md)
+    def release_engine(self) -> None:
+        """Generation → training: the engine frees weights, KV cache and CUDA graphs; then every rank may allocate."""
         if self.engine is not None:
-            self.engine.resume_memory()
-        sync_weights(self.actor.model_chunks, self.actor.layout, self.engine, self.bucket_bytes, self.engine_dtype)
+            self.engine.release_memory()
+        dist.barrier()
+
+    def sync_weights(self) -> None:
+        """Training → generation: free the training phase's memory, give the engine its weight memory back,
+        stream the actor's weights in, release the actor's memory, then let the engine take its KV cache."""
+        free_device_cache()
+        if self.engine is not None:
+            self.engine.resume_memory(("weights",))
+        actor, ro = self.actor, self.config.rollout
+        sync_weights(
+            actor.model_chunks, actor.layout, self.engine, self.engine_ranks, self.bucket_bytes, self.engine_dtype,
+            ro.weight_sync_transport,
+        )
+        actor.offload()
+        free_device_cache()
+        if self.engine is not None:
+            self.engine.resume_memory(("kv_cache", "cuda_graph"))
 
     def export_hf(self, out_dir: Path) -> None:
         actor = self.actor
-        export_hf(actor.model_chunks, actor.layout, actor.hf_config, out_dir, self.tokenizer, self.bucket_bytes)
+        export_hf(
+            actor.model_chunks, actor.layout, actor.hf_config, out_dir, self.tokenizer, self.bucket_bytes,
+            actor.params_dtype, self.config.rollout.weight_sync_transport,
+        )
 
     def evaluate(self) -> float | None:
         """avg@k on the validation problems, computed on rank 0 and known to every rank."""
@@ -81,7 +104,8 @@ class Job:
         """Resume from ``save_dir``'s latest checkpoint when there is one; the first step to run.
 
         Restores model, optimizer, LR scheduler, the data cursor, the step and the engine's sampling state,
-        and syncs the actor's weights into the engine (also after starting from ``model.megatron_checkpoint``).
+        then syncs the actor's weights into the engine: the engine starts with the initial weights (the CPU
+        engine) or none at all (SGLang), never with the restored ones (docs/pitfalls.md, 6 and 23).
         """
         latest = latest_checkpoint(self.save_dir) if self.config.trainer.resume else None
         first_step = 1
@@ -91,8 +115,7 @@ class Job:
             if self.engine is not None:
                 self.engine.load_state_dict(state["engine"])
             first_step = state["step"] + 1
-        if latest is not None or self.config.model.megatron_checkpoint:
-            self.sync_weights()
+        self.sync_weights()
         return first_step
 
     def save_at(self, step: int) -> None:
@@ -120,10 +143,10 @@ def train_step(job: Job) -> dict[str, float]:
             groups, stats = run_on_rank_zero(
                 lambda: collect_training_groups(job.engine, job.train_records, job.sampler, job.tokenizer, ro, alg)
             )
-            if job.engine is not None:
-                job.engine.release_memory()
+            job.release_engine()
+            actor.onload()
         metrics.update(stats.metrics())
-        batch = build_training_batch(groups, job.tokenizer.pad_token_id, alg.overlong_filtering)
+        batch = to_device(build_training_batch(groups, job.tokenizer.pad_token_id, alg.overlong_filtering), actor.device)
         rollout_logprobs, mask = batch.pop("rollout_logprobs"), batch["loss_mask"]
         with timed(metrics, "old_logprob"):
             old_logprobs, entropy = actor.compute_logprobs(batch, ro.temperature)

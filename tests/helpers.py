@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,34 @@ def run_cli(*overrides: str, timeout: int = 900, command: str = "train", config:
     if command == "train":
         args.append("logging.progress_bar=false")
     return subprocess.run([*args, *overrides], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def convert(tool: str, *args: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    """Run ``tools/checkpoint_convert/<tool>`` as a user would (plain ``python``)."""
+    result = subprocess.run([sys.executable, f"tools/checkpoint_convert/{tool}", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    if expect_ok:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def hf_folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF folder (sharded with an index, or one file)."""
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    files = set(json.loads(index.read_text())["weight_map"].values()) if index.exists() else {"model.safetensors"}
+    tensors = {}
+    for name in files:
+        tensors.update(load_file(str(folder / name)))
+    return tensors
+
+
+def assert_hf_folders_bit_identical(got_dir: Path, want_dir: Path) -> None:
+    got, want = hf_folder_tensors(got_dir), hf_folder_tensors(want_dir)
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
 
 
 def make_tiny_qwen2(path, tied: bool, seed: int = 0, num_layers: int = 2) -> Qwen2ForCausalLM:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import ContextManager, Iterator
 
 import torch
 import torch.distributed as dist
@@ -42,6 +42,7 @@ from megatron_dapo.ops.dapo_loss import METRIC_SUM_KEYS, dapo_loss_terms, fused_
 from megatron_dapo.weights.transfer import load_hf_checkpoint, unwrap
 
 Batch = dict[str, torch.Tensor]
+OFFLOAD_TAG = "megatron_dapo_actor"
 
 
 @contextmanager
@@ -74,6 +75,15 @@ def _data_parallel_slice(batch: Batch) -> Batch:
     return split_batch(batch, size // dp_size)[dp_rank]
 
 
+def metric_sums(outputs: list[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """The micro-batches' loss metric sums (``METRIC_SUM_KEYS``) added up, float64 ``[len(METRIC_SUM_KEYS)]`` on
+    ``device`` (the collectives that reduce it run on the device's backend)."""
+    sums = torch.zeros(len(METRIC_SUM_KEYS), dtype=torch.float64, device=device)
+    for output in outputs:
+        sums += torch.stack([output[k].double() for k in METRIC_SUM_KEYS])
+    return sums
+
+
 class MegatronActor:
     """Policy model under megatron-core: forward-only log-probs and token-level DAPO updates."""
 
@@ -90,59 +100,96 @@ class MegatronActor:
         optimizer and its LR schedule over ``total_steps`` optimiser steps; a frozen reference copy when the
         loss has a KL term."""
         self.model_options, self.parallel, self.loss = model, parallel, loss
+        # Where the model and its inputs live: this rank's GPU, or the CPU (megatron's CPU layer).
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         par = parallel
         self.hf_config = AutoConfig.from_pretrained(hf_dir)
         self.layout = ModelLayout.from_hf_config(self.hf_config)
+        self.params_dtype = params_dtype = torch.bfloat16 if model.bf16 else torch.float32
         self.transformer_config = transformer_config_from_hf(
             self.hf_config,
             par.tensor_model_parallel_size,
             par.pipeline_model_parallel_size,
+            params_dtype=params_dtype,
             sequence_parallel=par.sequence_parallel,
             vpp_size=par.virtual_pipeline_model_parallel_size,
         )
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=par.use_distributed_optimizer
         )
-        # One chunk, or one per virtual pipeline stage; only the first chunk's gradients are bucketed.
-        self.model_chunks = [
-            DistributedDataParallel(
-                config=self.transformer_config, ddp_config=ddp_config, module=chunk, disable_bucketing=index > 0
+        self.offloadable = model.offload_during_rollout and torch.cuda.is_available()
+        with self._offloadable_memory():
+            # One chunk, or one per virtual pipeline stage; only the first chunk's gradients are bucketed.
+            self.model_chunks = [
+                DistributedDataParallel(
+                    config=self.transformer_config, ddp_config=ddp_config, module=chunk, disable_bucketing=index > 0
+                )
+                for index, chunk in enumerate(self._build_and_load(hf_dir))
+            ]
+            self.optimizer = get_megatron_optimizer(
+                MegatronOptimizerConfig(
+                    optimizer="adam",
+                    lr=optimizer.lr,
+                    min_lr=optimizer.min_lr,
+                    weight_decay=optimizer.weight_decay,
+                    adam_beta1=optimizer.adam_beta1,
+                    adam_beta2=optimizer.adam_beta2,
+                    adam_eps=optimizer.adam_eps,
+                    clip_grad=optimizer.clip_grad,
+                    # bf16: fp32 main params and Adam state beside the bf16 weights (gradients reduce in fp32)
+                    bf16=model.bf16,
+                    params_dtype=params_dtype,
+                    use_distributed_optimizer=par.use_distributed_optimizer,
+                ),
+                self.model_chunks,
             )
-            for index, chunk in enumerate(self._build_and_load(hf_dir))
-        ]
+            self.ref_chunks = [c.eval() for c in self._build_and_load(hf_dir)] if loss.kl_coef > 0 else None
         self.transformer_config.finalize_model_grads_func = finalize_model_grads
         no_sync = [chunk.no_sync for chunk in self.model_chunks]
         self.transformer_config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
-        opt = optimizer
-        self.optimizer = get_megatron_optimizer(
-            MegatronOptimizerConfig(
-                optimizer="adam",
-                lr=opt.lr,
-                min_lr=opt.min_lr,
-                weight_decay=opt.weight_decay,
-                adam_beta1=opt.adam_beta1,
-                adam_beta2=opt.adam_beta2,
-                adam_eps=opt.adam_eps,
-                clip_grad=opt.clip_grad,
-                params_dtype=torch.float32,
-                use_distributed_optimizer=par.use_distributed_optimizer,
-            ),
-            self.model_chunks,
-        )
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
-            init_lr=0.0 if opt.lr_warmup_steps > 0 else opt.lr,
-            max_lr=opt.lr,
-            min_lr=opt.min_lr,
-            lr_warmup_steps=opt.lr_warmup_steps,
-            lr_decay_steps=max(total_steps, opt.lr_warmup_steps + 1),
+            init_lr=0.0 if optimizer.lr_warmup_steps > 0 else optimizer.lr,
+            max_lr=optimizer.lr,
+            min_lr=optimizer.min_lr,
+            lr_warmup_steps=optimizer.lr_warmup_steps,
+            lr_decay_steps=max(total_steps, optimizer.lr_warmup_steps + 1),
             lr_decay_style="constant",
-            start_wd=opt.weight_decay,
-            end_wd=opt.weight_decay,
+            start_wd=optimizer.weight_decay,
+            end_wd=optimizer.weight_decay,
             wd_incr_steps=max(total_steps, 1),
             wd_incr_style="constant",
         )
-        self.ref_chunks = [c.eval() for c in self._build_and_load(hf_dir)] if loss.kl_coef > 0 else None
+
+    # ------------------------------------------------------------------ memory while engines generate
+    def _offloadable_memory(self) -> ContextManager:
+        """Where the actor's lasting tensors are allocated: a torch_memory_saver region (GPU, with
+        ``model.offload_during_rollout``) that ``offload`` releases, or ordinary memory.
+
+        torch_memory_saver is what SGLang itself uses (an sglang 0.5.23 dependency); megatron-core 0.16.1
+        selects its ``torch`` hook mode on import (``megatron/core/inference/contexts/dynamic_context.py:61-67``).
+        Tensors in a region cannot be shared by CUDA IPC; the weight sync's buckets are allocated outside it.
+        """
+        if not self.offloadable:
+            return nullcontext()
+        from torch_memory_saver import torch_memory_saver
+
+        return torch_memory_saver.region(tag=OFFLOAD_TAG, enable_cpu_backup=True)
+
+    def offload(self) -> None:
+        """Release the GPU memory of weights, gradients and optimizer state (kept in host memory) so that the
+        colocated engines' KV cache can use it (docs/pitfalls.md, 25). A no-op unless offloadable."""
+        if self.offloadable:
+            from torch_memory_saver import torch_memory_saver
+
+            torch_memory_saver.pause(OFFLOAD_TAG)
+
+    def onload(self) -> None:
+        """Bring back what ``offload`` released, before the next forward pass."""
+        if self.offloadable:
+            from torch_memory_saver import torch_memory_saver
+
+            torch_memory_saver.resume(OFFLOAD_TAG)
 
     def _build_and_load(self, hf_dir: str) -> list[torch.nn.Module]:
         """This rank's model chunks, filled from ``model.megatron_checkpoint`` when set, else from the HF weights."""
@@ -150,6 +197,10 @@ class MegatronActor:
         stages = range(vpp) if vpp else [None]
         divisible_by = self.model_options.make_vocab_size_divisible_by
         chunks = [build_gpt_model(self.hf_config, self.transformer_config, divisible_by, vp_stage) for vp_stage in stages]
+        for param in (p for chunk in chunks for p in chunk.parameters()):
+            # The local spec's torch norms ignore params_dtype; TE's follow it. Parameters only: buffers such
+            # as RoPE frequencies stay fp32 (what megatron's Float16Module would also cast).
+            param.data = param.data.to(self.params_dtype)
         if self.model_options.megatron_checkpoint:
             load_checkpoint(chunks, self.hf_config, self.model_options.megatron_checkpoint)
         else:
@@ -256,7 +307,8 @@ class MegatronActor:
             logprobs = unsort_rows([o["logprobs"] for o in outputs], order, width)
             entropy = unsort_rows([o["entropy"] for o in outputs], order, width)
         else:
-            logprobs, entropy = torch.empty(shape), torch.empty(shape)
+            device = batch["input_ids"].device  # the receive buffers of the broadcast below
+            logprobs, entropy = torch.empty(shape, device=device), torch.empty(shape, device=device)
         pp_group = parallel_state.get_pipeline_model_parallel_group()
         last_pp_rank = parallel_state.get_pipeline_model_parallel_last_rank()
         for tensor in (logprobs, entropy):
@@ -297,10 +349,7 @@ class MegatronActor:
         self.optimizer.zero_grad()
         micro, _ = self._micro_batches(batch)
         outputs = self._run_schedule(self.model_chunks, micro, self._policy_loss_func, False)
-        sums = torch.zeros(len(METRIC_SUM_KEYS), dtype=torch.float64)
-        if parallel_state.is_pipeline_last_stage():
-            for output in outputs:
-                sums += torch.stack([output[k].double() for k in METRIC_SUM_KEYS])
+        sums = metric_sums(outputs if parallel_state.is_pipeline_last_stage() else [], batch["input_ids"].device)
         # Sum over DP ranks (and bring the last stage's values to every rank of the pipeline).
         dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
         dist.broadcast(
@@ -313,7 +362,8 @@ class MegatronActor:
     def train_step(self, batch: Batch) -> dict[str, float]:
         """One optimiser step over ``batch`` (a mini-batch: all ranks pass the same full tensors)."""
         total = self.forward_backward(batch)
-        _, grad_norm, _ = self.optimizer.step()
+        with self._offloadable_memory():  # Adam state created lazily on the first step lands in the region
+            _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         tokens = max(total["tokens"], 1.0)
         return {

@@ -96,6 +96,7 @@ def transformer_config_from_hf(
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         use_cpu_initialization=not on_gpu,
+        bf16=params_dtype == torch.bfloat16,  # bf16 weights and activations; main params and grads stay fp32
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         tensor_model_parallel_size=tp_size,

@@ -32,11 +32,12 @@ class RolloutEngine(ABC):
 
     @abstractmethod
     def release_memory(self) -> None:
-        """Free weights/KV cache before the training phase (colocated engines)."""
+        """Free weights, KV cache and CUDA graphs before the training phase (colocated engines); return once
+        the memory is free."""
 
     @abstractmethod
-    def resume_memory(self) -> None:
-        """Re-acquire memory after the training phase, before weights are synced."""
+    def resume_memory(self, tags: Iterable[str] = ("weights", "kv_cache", "cuda_graph")) -> None:
+        """Re-acquire released memory: ``("weights",)`` before a weight sync, the KV cache and CUDA graphs after."""
 
     def state_dict(self) -> dict:
         """What a resumed run needs to sample as the uninterrupted run would have."""

@@ -1,7 +1,8 @@
 """CPU rollout engine: a Hugging Face ``transformers`` causal LM living in the trainer process.
 
-Batched sampling with a KV cache through ``generate``; per-token log-probs come from the processed scores,
-i.e. after temperature and top-p, as an inference engine reports them. Weight updates copy in place.
+Batched sampling with a KV cache through ``generate``; per-token log-probs are those of ``softmax(logits / T)``
+over the full vocabulary, not renormalised over the top-p nucleus — what SGLang reports too
+(docs/pitfalls.md, 3). Weight updates copy in place.
 """
 
 from __future__ import annotations
@@ -62,11 +63,11 @@ class HFRolloutEngine(RolloutEngine):
             num_return_sequences=n,
             pad_token_id=self.pad_token_id,
             eos_token_id=self.eos_token_id,
-            output_scores=True,
+            output_logits=True,  # the model's raw logits, before temperature and top-p
             return_dict_in_generate=True,
         )
         new_tokens = output.sequences[:, width:]
-        step_logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in output.scores], dim=1)
+        step_logprobs = torch.stack([torch.log_softmax(s.float() / temperature, dim=-1) for s in output.logits], dim=1)
         token_logprobs = step_logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
         samples = []
         for row, (tokens, logprobs) in enumerate(zip(new_tokens.tolist(), token_logprobs.tolist())):
@@ -100,5 +101,5 @@ class HFRolloutEngine(RolloutEngine):
     def release_memory(self) -> None:
         """Nothing to release on CPU: the model shares host memory with the trainer and holds no KV cache."""
 
-    def resume_memory(self) -> None:
+    def resume_memory(self, tags: Iterable[str] = ()) -> None:
         """Nothing to resume on CPU (see ``release_memory``)."""

@@ -1,36 +1,69 @@
-"""Colocated SGLang rollout engine (GPU only) behind ``RolloutEngine``.
+"""Colocated SGLang rollout engines (GPU only) behind ``RolloutEngine``, written against sglang 0.5.23.
 
-Written against SGLang 0.5.23's offline ``sglang.Engine``. It has
-not run here: SGLang needs CUDA. Its call sequence is tested against a labelled fake engine
-(tests/unit/test_sglang_engine.py).
+It has not run here (SGLang needs CUDA). Its calls are tested against a labelled fake of ``sglang.Engine``
+that enforces the rules below (tests/unit/test_sglang_engine.py). Citations are files of the sglang 0.5.23
+wheel.
 
-Colocation: the engine shares the trainer's GPUs. Before training, ``release_memory`` frees its weights,
-KV cache and CUDA graphs (``enable_memory_saver``) and waits until the memory is really free (docs/pitfalls.md, 16);
-before a weight sync ``resume_memory`` brings back the weights only; ``update_weights`` streams buckets as
-flattened per-dtype tensors shared by CUDA IPC, flushes the KV/prefix cache with the last bucket only
-(docs/pitfalls.md, 14), aborts in-flight requests first, runs ``torch.cuda.ipc_collect`` after each bucket and never
-reuses a send buffer (docs/pitfalls.md, 15), then brings back the KV cache and CUDA graphs.
+One SGLang engine serves a group of ranks whose GPUs it spans with tensor parallelism. The group's first rank
+hosts the ``sglang.Engine`` (``engine`` here); every rank of the group holds this adapter, because each hands
+over its own GPU's copy of the weights. Rules followed:
+
+- **Weight-update sessions.** ``update_weights_from_tensor`` is accepted only between ``begin_weight_update()``
+  and ``end_weight_update()``; outside one it returns ``(False, message)`` without raising
+  (``srt/managers/scheduler_components/weight_updater.py:234,309-335``). Every returned ``(success, message)``
+  is checked; a refusal raises ``SGLangError`` with SGLang's message (docs/pitfalls.md, 19).
+- **One payload per engine TP rank.** TP rank r deserialises only entry r of the payload list
+  (``srt/managers/tp_worker.py:194-201``). Each rank of the group serialises the flattened bucket from its own
+  GPU and the host gathers them in rank order — as SGLang's ``weight_sync/utils.py`` does — after
+  ``monkey_patch_torch_reductions`` so that a GPU travels by UUID (``srt/utils/patch_torch.py:41``)
+  (docs/pitfalls.md, 21). One bucket may mix dtypes (``weight_sync/tensor_bucket.py:25``).
+- **Memory.** ``release_memory_occupation``/``resume_memory_occupation`` are synchronous: the memory is free
+  when they return (``weight_updater.py:337-422``). A release asserts the scheduler is idle, so the host first
+  waits for idleness (``tokenizer_manager.flush_cache(timeout_s)``). Resuming a tag that was not released
+  raises in the scheduler and kills the job (``offload_tags.remove``; ``srt/managers/scheduler.py:6370``): the
+  adapter tracks what it released and resumes only that (docs/pitfalls.md, 20). Weights are discarded on
+  release (no CPU backup), so every resume of ``weights`` is followed by a full sync.
+- **Cache.** The prefix/KV cache is flushed once the last bucket is in (docs/pitfalls.md, 14);
+  ``torch.cuda.ipc_collect`` runs after each bucket and a bucket's memory is copied before the resharder
+  reuses it (docs/pitfalls.md, 15).
+- **Start.** The engine starts with ``load_format="dummy"`` (random weights, nothing read from disk): the
+  trainer releases its memory at once and syncs the actor's weights before the first generation.
+- **Sampling.** With ``skip_tokenizer_init`` only the model config's EOS ids stop generation
+  (``srt/configs/model_config.py:2190-2208``): the tokenizer's EOS goes in ``stop_token_ids``. Reported
+  log-probs are ``log_softmax(logits / T)``, not renormalised over top-p (``srt/layers/sampler.py:273-317``).
+  ``finish_reason`` is ``stop``, ``length`` or ``abort`` (``srt/managers/schedule_batch.py:279-345``).
 """
 
 from __future__ import annotations
 
-import time
-from typing import Callable, Iterable
+import os
+from typing import Callable, Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 
+from megatron_dapo.errors import UserError
 from megatron_dapo.rollout.base import RolloutEngine
 from megatron_dapo.samples import RolloutSample
 from megatron_dapo.weights.transfer import Bucket
 
-MEMORY_TAGS_AFTER_SYNC = ["kv_cache", "cuda_graph"]
+MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
+IDLE_TIMEOUT_S = 600.0
+
+
+class SGLangError(UserError, RuntimeError):
+    """SGLang refused a request; the message is SGLang's."""
 
 
 def serialize_flattened_bucket(named_tensors: Bucket) -> str:
-    """One dtype's tensors as an SGLang ``flattened_bucket`` payload (CUDA IPC handles, not bytes)."""
+    """This rank's bucket as an SGLang ``flattened_bucket`` payload: one flat copy on this GPU, shared by CUDA
+    IPC handle (the copy outlives the resharder's reuse of its buffers)."""
     from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
     from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
 
+    monkey_patch_torch_reductions()
+    named_tensors = sorted(named_tensors, key=lambda item: -item[1].element_size())  # no misaligned dtype views
     bucket = FlattenedTensorBucket(named_tensors=named_tensors)
     payload = {"flattened_tensor": bucket.get_flattened_tensor(), "metadata": bucket.get_metadata()}
     return MultiprocessingSerializer.serialize(payload, output_str=True)
@@ -41,104 +74,165 @@ def _ipc_collect() -> None:
         torch.cuda.ipc_collect()
 
 
-def _by_dtype(bucket: Bucket) -> list[Bucket]:
-    groups: dict[torch.dtype, Bucket] = {}
-    for name, tensor in bucket:
-        groups.setdefault(tensor.dtype, []).append((name, tensor))
-    return list(groups.values())
+def _check(result: tuple[bool, str], request: str) -> None:
+    success, message = result
+    if not success:
+        raise SGLangError(f"SGLang refused {request}: {message}")
 
 
 class SGLangRolloutEngine(RolloutEngine):
-    """``RolloutEngine`` over an SGLang offline engine colocated with the trainer."""
+    """This rank's part of a colocated SGLang engine: the engine itself on the group's first rank."""
 
     weight_dtype = torch.bfloat16
 
     def __init__(
         self,
         engine,
-        tp_size: int,
+        group_ranks: list[int],
+        group: dist.ProcessGroup | None = None,
+        stop_token_ids: Sequence[int] = (),
         serialize: Callable[[Bucket], object] = serialize_flattened_bucket,
         ipc_collect: Callable[[], None] = _ipc_collect,
-        release_timeout_s: float = 60.0,
     ) -> None:
-        self.engine = engine
-        self.tp_size = tp_size
+        self.engine = engine  # sglang.Engine on the group's first rank, None on its other ranks
+        self.group_ranks = group_ranks
+        self.group = group
+        self.stop_token_ids = list(stop_token_ids)
         self.serialize = serialize
         self.ipc_collect = ipc_collect
-        self.release_timeout_s = release_timeout_s
+        self.released: set[str] = set()
         self.weight_version = 0
 
     @classmethod
-    def launch(cls, hf_dir: str, tp_size: int, mem_fraction_static: float, seed: int) -> "SGLangRolloutEngine":
-        """Start the offline engine on this node's GPUs with memory saving on (weights stay in bf16)."""
-        import sglang
+    def launch(
+        cls,
+        hf_dir: str,
+        group_ranks: list[int],
+        group: dist.ProcessGroup | None,
+        mem_fraction_static: float,
+        seed: int,
+        stop_token_ids: Sequence[int],
+    ) -> "SGLangRolloutEngine":
+        """Start the group's engine on its GPUs (host rank only; collective over the group)."""
+        engine = None
+        if dist.get_rank() == group_ranks[0]:
+            import sglang
 
-        engine = sglang.Engine(
-            model_path=hf_dir,
-            tp_size=tp_size,
-            dtype="bfloat16",
-            enable_memory_saver=True,
-            mem_fraction_static=mem_fraction_static,
-            random_seed=seed,
-            skip_tokenizer_init=True,
-        )
-        return cls(engine, tp_size)
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            engine = sglang.Engine(
+                model_path=hf_dir,
+                tp_size=len(group_ranks),
+                base_gpu_id=local_rank,  # the group's GPUs are this rank's and the next ones
+                nccl_port=23000 + 10 * local_rank,  # engines of one node must not race for a port
+                dtype="bfloat16",
+                load_format="dummy",  # weights arrive by the first sync
+                enable_memory_saver=True,
+                mem_fraction_static=mem_fraction_static,
+                random_seed=seed,
+                skip_tokenizer_init=True,
+            )
+        if group is not None:
+            dist.barrier(group=group)
+        return cls(engine, group_ranks, group, stop_token_ids)
 
+    @property
+    def is_host(self) -> bool:
+        return self.engine is not None
+
+    # ------------------------------------------------------------------ generation (host)
     def generate(
         self, prompt_token_ids: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int
     ) -> list[RolloutSample]:
         input_ids = [list(prompt) for prompt in prompt_token_ids for _ in range(n)]  # prompt-major
-        sampling_params = {"temperature": temperature, "top_p": top_p, "top_k": -1, "max_new_tokens": max_new_tokens}
+        sampling_params = {
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": -1,
+            "max_new_tokens": max_new_tokens,
+            "stop_token_ids": self.stop_token_ids,
+        }
         outputs = self.engine.generate(input_ids=input_ids, sampling_params=sampling_params, return_logprob=True)
-        samples = []
-        for row, output in enumerate(outputs):
-            meta = output["meta_info"]
-            logprobs = [entry[0] for entry in meta["output_token_logprobs"]]
-            reason = "stop" if meta["finish_reason"]["type"] == "stop" else "length"
-            samples.append(RolloutSample(row // n, list(output["output_ids"]), logprobs, reason))
-        return samples
+        return [self._sample(row // n, output) for row, output in enumerate(outputs)]
 
+    @staticmethod
+    def _sample(prompt_index: int, output: dict) -> RolloutSample:
+        meta = output["meta_info"]
+        reason = meta["finish_reason"]["type"]
+        if reason not in ("stop", "length", "abort"):
+            raise SGLangError(f"SGLang returned finish_reason {meta['finish_reason']!r}")
+        logprobs = [entry[0] for entry in meta["output_token_logprobs"]]
+        return RolloutSample(prompt_index, list(output["output_ids"]), logprobs, reason)
+
+    # ------------------------------------------------------------------ weights (every rank of the group)
     def update_weights(self, buckets: Iterable[Bucket]) -> None:
-        """Send each bucket as one flattened payload per dtype; the cache is flushed with the last one.
+        """Load the streamed buckets: each rank's own copy, one payload per engine TP rank, in one session.
 
-        A bucket is serialised (copied into fresh flat buffers) before the next one is requested — the
-        resharder may reuse a bucket's memory once it advances — and sent once the next bucket shows
-        whether it was the last.
+        Collective over the group. The host's outcome (or SGLang's refusal) is shared with the group so that
+        no rank frees its copy while the engine reads it, nor waits on a host that failed.
         """
-        self.engine.tokenizer_manager.abort_request(abort_all=True)  # no request may see half-updated weights
+        if self.is_host:
+            self.engine.tokenizer_manager.abort_request(abort_all=True)  # no request may see half-updated weights
+            _check(self.engine.begin_weight_update(), "begin_weight_update")
         self.weight_version += 1
-        pending = None
         for bucket in buckets:
-            payloads = [self.serialize(group) for group in _by_dtype(bucket)]
-            if pending is not None:
-                self._send(pending, last=False)
-            pending = payloads
-        if pending is not None:
-            self._send(pending, last=True)
-        self.engine.resume_memory_occupation(tags=MEMORY_TAGS_AFTER_SYNC)
+            payload = self.serialize(bucket)  # copied now: the resharder reuses the bucket's memory
+            payloads = self._gather(payload)
+            outcome = (True, "")
+            if self.is_host:
+                outcome = self.engine.update_weights_from_tensor(
+                    named_tensors=payloads, load_format="flattened_bucket", flush_cache=False
+                )
+            self._share_outcome(outcome, "update_weights_from_tensor")
+            self.ipc_collect()
+        if self.is_host:
+            _check(self.engine.end_weight_update(), "end_weight_update")
+            flushed = self.engine.flush_cache()
+            _check((flushed.success, flushed.message), "flush_cache after the weight update")
+            self._set_weight_version()
 
-    def _send(self, payloads: list, last: bool) -> None:
-        for index, payload in enumerate(payloads):
-            self.engine.update_weights_from_tensor(
-                named_tensors=[payload] * self.tp_size,
-                load_format="flattened_bucket",
-                flush_cache=last and index == len(payloads) - 1,
-            )
-        self.ipc_collect()
+    def _gather(self, payload: object) -> list[object] | None:
+        if self.group is None or len(self.group_ranks) == 1:
+            return [payload]
+        gathered = [None] * len(self.group_ranks) if self.is_host else None
+        dist.gather_object(payload, gathered, dst=self.group_ranks[0], group=self.group)
+        return gathered
 
+    def _share_outcome(self, outcome: tuple[bool, str], request: str) -> None:
+        if self.group is not None and len(self.group_ranks) > 1:
+            holder = [outcome]
+            dist.broadcast_object_list(holder, src=self.group_ranks[0], group=self.group)
+            outcome = holder[0]
+        _check(outcome, request)
+
+    def _set_weight_version(self) -> None:
+        from sglang.srt.managers.io_struct import UpdateWeightVersionReqInput
+
+        request = UpdateWeightVersionReqInput(new_version=str(self.weight_version))
+        self.engine.loop.run_until_complete(self.engine.tokenizer_manager.update_weight_version(request))
+
+    # ------------------------------------------------------------------ colocated memory (host)
     def release_memory(self) -> None:
-        free_before = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
-        self.engine.release_memory_occupation()
-        if free_before is not None:
-            self._wait_until_freed(free_before)
+        """Free weights, KV cache and CUDA graphs; returns once the GPU memory is free."""
+        if not self.is_host:
+            return
+        idle = self.engine.loop.run_until_complete(self.engine.tokenizer_manager.flush_cache(timeout_s=IDLE_TIMEOUT_S))
+        _check((idle.success, idle.message), "flush_cache before releasing memory")
+        tags = [tag for tag in MEMORY_TAGS if tag not in self.released]
+        if tags:
+            self.engine.release_memory_occupation(tags=tags)
+            self.released.update(tags)
 
-    def _wait_until_freed(self, free_before: int) -> None:
-        """Return once this GPU's free memory has grown (the engine's release is asynchronous)."""
-        deadline = time.monotonic() + self.release_timeout_s
-        while torch.cuda.mem_get_info()[0] <= free_before:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"SGLang released memory but none was freed within {self.release_timeout_s} s")
-            time.sleep(0.05)
+    def resume_memory(self, tags: Iterable[str] = MEMORY_TAGS) -> None:
+        """Re-acquire the released ones among ``tags`` (the weights before a sync, the rest after it)."""
+        if not self.is_host:
+            return
+        tags = [tag for tag in MEMORY_TAGS if tag in tags and tag in self.released]
+        if tags:
+            self.engine.resume_memory_occupation(tags=tags)
+            self.released.difference_update(tags)
 
-    def resume_memory(self) -> None:
-        self.engine.resume_memory_occupation(tags=["weights"])  # KV cache and graphs come back after the sync
+    def state_dict(self) -> dict:
+        return {"weight_version": self.weight_version}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weight_version = state.get("weight_version", 0)

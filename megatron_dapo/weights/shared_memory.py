@@ -62,24 +62,26 @@ def same_host() -> bool:
 
 
 class Arena:
-    """A reused host buffer handing out tensors for one bucket at a time (pages fault in once)."""
+    """A reused buffer handing out tensors for one bucket at a time (on the host, pages fault in once)."""
 
     ALIGN = 64
 
-    def __init__(self) -> None:
-        self.buffer = torch.empty(0, dtype=torch.uint8)
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.buffer = torch.empty(0, dtype=torch.uint8, device=self.device)
         self.used = 0
 
     def reserve(self, nbytes: int) -> None:
-        """Make room for ``nbytes`` (plus alignment) and start a new bucket."""
+        """Make room for ``nbytes`` (plus ``ALIGN`` per tensor) and start a new bucket."""
         if self.buffer.numel() < nbytes:
-            self.buffer = torch.empty(nbytes, dtype=torch.uint8)
+            self.buffer = torch.empty(0, dtype=torch.uint8, device=self.device)  # free the old one first
+            self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         self.used = 0
 
     def allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         nbytes = math.prod(shape) * dtype.itemsize
         start = -(-self.used // self.ALIGN) * self.ALIGN
         if start + nbytes > self.buffer.numel():
-            return torch.empty(shape, dtype=dtype)  # larger than planned: a fresh buffer
+            return torch.empty(shape, dtype=dtype, device=self.device)  # larger than planned: a fresh buffer
         self.used = start + nbytes
         return self.buffer[start : start + nbytes].view(dtype).view(shape)

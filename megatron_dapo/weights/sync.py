@@ -7,8 +7,9 @@ See docs/design.md, "Weight sync" for what the resharder guarantees.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Collection, Iterable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,7 @@ from megatron_dapo.weights.transfer import (
     DEFAULT_BUCKET_BYTES,
     Bucket,
     ModelChunks,
+    Transport,
     hf_specs,
     stream_hf_buckets,
     weights_of,
@@ -27,7 +29,7 @@ from megatron_dapo.weights.transfer import (
 
 
 class WeightReceiver(Protocol):
-    """Anything that loads full HF-named tensors streamed as buckets (a rollout engine)."""
+    """Anything that loads full HF-named tensors streamed as buckets (a rollout engine's part on one rank)."""
 
     def update_weights(self, buckets: Iterable[Bucket]) -> None: ...
 
@@ -38,11 +40,17 @@ def _drain(stream: Iterable) -> None:
 
 
 def sync_weights(
-    model: ModelChunks, layout: ModelLayout, receiver: WeightReceiver | None, bucket_bytes: int, dtype: torch.dtype
+    model: ModelChunks,
+    layout: ModelLayout,
+    receiver: WeightReceiver | None,
+    receivers: Collection[int],
+    bucket_bytes: int,
+    dtype: torch.dtype,
+    transport: Transport = "auto",
 ) -> None:
-    """Stream the weights, resharded into HF names/layouts and cast to ``dtype``, bucket by bucket into
-    ``receiver`` (given on global rank 0, ``None`` elsewhere)."""
-    buckets = stream_hf_buckets(model, layout, bucket_bytes, dtype=dtype)
+    """Stream the weights, resharded into HF names/layouts and cast to ``dtype``, bucket by bucket into the
+    ``receiver`` of every global rank in ``receivers`` (``None`` on the other ranks)."""
+    buckets = stream_hf_buckets(model, layout, bucket_bytes, dtype, receivers=receivers, transport=transport)
     if receiver is not None:
         receiver.update_weights(buckets)
     _drain(buckets)
@@ -55,19 +63,27 @@ def export_hf(
     out_dir: str | Path,
     tokenizer: PreTrainedTokenizerBase | None,
     bucket_bytes: int,
+    dtype: torch.dtype = torch.float32,
+    transport: Transport = "auto",
 ) -> None:
-    """Write the weights as a Hugging Face folder on global rank 0, streamed bucket by bucket."""
-    specs = hf_specs(model, layout)
-    tensors = (pair for bucket in stream_hf_buckets(model, layout, bucket_bytes) for pair in bucket)
+    """Write the weights as a Hugging Face folder of ``dtype`` tensors on global rank 0, bucket by bucket."""
+    specs = hf_specs(model, layout, dtype)
+    stream = stream_hf_buckets(model, layout, bucket_bytes, dtype, transport=transport)
+    tensors = (pair for bucket in stream for pair in bucket)
     if dist.get_rank() == 0:
+        hf_config = copy.deepcopy(hf_config)
+        hf_config.dtype = dtype
         write_hf_folder(specs, tensors, hf_config, out_dir, tokenizer)
     _drain(tensors)
 
 
 def hf_state_dict(
-    model: ModelChunks, layout: ModelLayout, tensor_of: Callable[[torch.nn.Parameter], torch.Tensor] = weights_of
+    model: ModelChunks,
+    layout: ModelLayout,
+    tensor_of: Callable[[torch.nn.Parameter], torch.Tensor] = weights_of,
+    transport: Transport = "auto",
 ) -> dict[str, torch.Tensor] | None:
     """All HF-named weights (or, with ``tensor_of=gradients_of``, gradients) on global rank 0, ``None`` elsewhere."""
-    stream = stream_hf_buckets(model, layout, DEFAULT_BUCKET_BYTES, tensor_of=tensor_of)
+    stream = stream_hf_buckets(model, layout, DEFAULT_BUCKET_BYTES, tensor_of=tensor_of, transport=transport)
     state = {name: tensor.clone() for bucket in stream for name, tensor in bucket}
     return state if dist.get_rank() == 0 else None

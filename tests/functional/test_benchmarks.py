@@ -30,6 +30,7 @@ def _run_quick(script):
 def test_weight_sync_benchmark_quick():
     lines = _run_quick("bench_weight_sync.py")
     assert re.fullmatch(r"resharder/memcpy throughput_ratio=\d+\.\d+", lines[-1])
+    assert re.fullmatch(r"collectives resharder/memcpy throughput_ratio=\d+\.\d+", lines[-2])
     assert any(re.fullmatch(r"per_tensor/bucketed time_ratio=\d+\.\d+", line) for line in lines)
 
 

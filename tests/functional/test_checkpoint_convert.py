@@ -6,17 +6,15 @@ TP=1×PP=2. Every HF folder on the way is bit-identical to the original per tens
 log-probs equal ``transformers`` on the original within 1e-5.
 """
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from ..helpers import ROOT, build_actor, hf_logprobs, make_tiny_qwen2, test_config
+from ..helpers import ROOT, assert_hf_folders_bit_identical, build_actor, convert, hf_logprobs, make_tiny_qwen2, test_config
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end: minutes on 2 cores
 
@@ -30,26 +28,6 @@ def _run(command, expect_ok=True):
     if expect_ok:
         assert result.returncode == 0, result.stderr[-4000:]
     return result
-
-
-def _convert(tool, *args, expect_ok=True):
-    return _run([sys.executable, f"tools/checkpoint_convert/{tool}", *args], expect_ok)
-
-
-def _hf_tensors(folder):
-    index = folder / "model.safetensors.index.json"
-    files = set(json.loads(index.read_text())["weight_map"].values()) if index.exists() else {"model.safetensors"}
-    tensors = {}
-    for name in files:
-        tensors.update(load_file(str(folder / name)))
-    return tensors
-
-
-def _assert_bit_identical(got_dir, want_dir):
-    got, want = _hf_tensors(got_dir), _hf_tensors(want_dir)
-    assert set(got) == set(want)
-    for name in want:
-        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
 
 
 def _batch():
@@ -80,15 +58,17 @@ def test_conversions_round_trip_under_any_layout(tmp_path, tied):
     with torch.no_grad():
         expected = hf_logprobs(original, batch)
 
-    _convert("hf_to_megatron.py", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "mg_tp1"))
+    convert("hf_to_megatron.py", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "mg_tp1"))
     tp2pp2 = _layout_logprobs(tmp_path, "tp2pp2", tmp_path / "decoy", tmp_path / "mg_tp1", 4, 2, 2,
-                              "--save", str(tmp_path / "saved"), "--export", str(tmp_path / "exported"))
+                              "--save", str(tmp_path / "saved"), "--export", str(tmp_path / "exported"),
+                              "--export-collectives", str(tmp_path / "exported_collectives"))
     assert (tp2pp2 - expected)[mask].abs().max() < 1e-5
-    _assert_bit_identical(tmp_path / "exported", tmp_path / "hf")  # HF → Megatron TP2×PP2 → HF, in job
+    assert_hf_folders_bit_identical(tmp_path / "exported", tmp_path / "hf")  # HF → Megatron TP2×PP2 → HF, in job
+    assert_hf_folders_bit_identical(tmp_path / "exported_collectives", tmp_path / "hf")  # the same through the GPU transport
 
-    _convert("megatron_to_hf.py", "--load", str(tmp_path / "saved"), "--out", str(tmp_path / "from_ckpt"),
+    convert("megatron_to_hf.py", "--load", str(tmp_path / "saved"), "--out", str(tmp_path / "from_ckpt"),
              "--config", str(tmp_path / "hf"), "--no-progress")
-    _assert_bit_identical(tmp_path / "from_ckpt", tmp_path / "hf")  # checkpoint saved at TP2×PP2 → HF, offline
+    assert_hf_folders_bit_identical(tmp_path / "from_ckpt", tmp_path / "hf")  # checkpoint saved at TP2×PP2 → HF, offline
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "from_ckpt", dtype=torch.float32)
     with torch.no_grad():
         assert (hf_logprobs(reloaded, batch) - tp2pp2)[mask].abs().max() < 1e-5
@@ -96,7 +76,7 @@ def test_conversions_round_trip_under_any_layout(tmp_path, tied):
         logits_want = original(input_ids=batch["input_ids"]).logits
     assert torch.equal(logits_got, logits_want)
 
-    _convert("hf_to_megatron.py", "--hf-dir", str(tmp_path / "from_ckpt"), "--out", str(tmp_path / "mg_back"))
+    convert("hf_to_megatron.py", "--hf-dir", str(tmp_path / "from_ckpt"), "--out", str(tmp_path / "mg_back"))
     tp1pp1 = _layout_logprobs(tmp_path, "tp1pp1", tmp_path / "decoy", tmp_path / "mg_back", 1, 1, 1)
     tp1pp2 = _layout_logprobs(tmp_path, "tp1pp2", tmp_path / "decoy", tmp_path / "mg_back", 2, 1, 2)
     for got in (tp1pp1, tp1pp2):
@@ -109,9 +89,9 @@ def test_converters_refuse_a_config_of_another_model(tmp_path):
     other = make_tiny_qwen2(tmp_path / "other", tied=False)
     other.config.intermediate_size = 96
     other.config.save_pretrained(tmp_path / "other_config")
-    _convert("hf_to_megatron.py", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "mg"))
+    convert("hf_to_megatron.py", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "mg"))
 
-    result = _convert("megatron_to_hf.py", "--load", str(tmp_path / "mg"), "--out", str(tmp_path / "x"),
+    result = convert("megatron_to_hf.py", "--load", str(tmp_path / "mg"), "--out", str(tmp_path / "x"),
                       "--config", str(tmp_path / "other_config"), expect_ok=False)
     assert result.returncode == 2 and "intermediate_size" in result.stderr and "different models" in result.stderr
     assert not (tmp_path / "x").exists()
@@ -119,7 +99,7 @@ def test_converters_refuse_a_config_of_another_model(tmp_path):
     (tmp_path / "mixed").mkdir()
     (tmp_path / "mixed" / "config.json").write_text((tmp_path / "other_config" / "config.json").read_text())
     (tmp_path / "mixed" / "model.safetensors").write_bytes((tmp_path / "hf" / "model.safetensors").read_bytes())
-    result = _convert("hf_to_megatron.py", "--hf-dir", str(tmp_path / "mixed"), "--out", str(tmp_path / "y"),
+    result = convert("hf_to_megatron.py", "--hf-dir", str(tmp_path / "mixed"), "--out", str(tmp_path / "y"),
                       expect_ok=False)
     assert result.returncode == 2 and "intermediate_size" in result.stderr
     assert not (tmp_path / "y").exists()
@@ -129,7 +109,7 @@ def test_checkpoint_with_another_rope_base_is_refused(megatron_world, tmp_path):
     from megatron_dapo.errors import CheckpointMismatchError
 
     model = make_tiny_qwen2(tmp_path / "hf", tied=False)
-    _convert("hf_to_megatron.py", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "mg"))
+    convert("hf_to_megatron.py", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "mg"))
     model.config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
     model.save_pretrained(tmp_path / "rope10k")
     config = test_config(f"model.megatron_checkpoint={tmp_path / 'mg'}")

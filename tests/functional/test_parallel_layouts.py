@@ -25,6 +25,7 @@ LAYOUTS = {
     "pp2-vpp2-dp2-interleaved": ["--pp", "2", "--vpp", "2", "--micro", "2"],
 }
 MODES = ("token-mean", "seq-mean-token-mean")
+TRANSPORTS = ("shared_memory", "collectives")
 RESPONSE_LENGTHS = [1, 37, 2, 30, 3, 5, 24, 1, 12, 36, 4, 8, 2, 17, 33, 6]
 
 
@@ -82,12 +83,13 @@ def test_layout_matches_single_process_reference(work, layout):
                                   batch["loss_mask"], clip_ratio_c=10.0, loss_agg_mode=mode)
             loss.backward()
             assert results[f"{model_name}/{mode}/loss"] == pytest.approx(loss.item(), rel=1e-5)
-            grads = results[f"{model_name}/{mode}/grads"]
             expected = dict(reference.named_parameters())
-            assert set(grads) == set(expected) - ({"lm_head.weight"} if model_name == "tied" else set())
-            for name, grad in grads.items():
-                error = _relative_error(grad, expected[name].grad)
-                assert error < 1e-5, f"{model_name} {mode} {name}: relative error {error:.2e}"
+            for transport in TRANSPORTS:  # gradients gathered by either resharder transport
+                grads = results[f"{model_name}/{mode}/grads/{transport}"]
+                assert set(grads) == set(expected) - ({"lm_head.weight"} if model_name == "tied" else set())
+                for name, grad in grads.items():
+                    error = _relative_error(grad, expected[name].grad)
+                    assert error < 1e-5, f"{model_name} {mode} {name} ({transport}): relative error {error:.2e}"
 
 
 def test_distributed_optimizer_step_matches_adamw_reference(work):
@@ -101,7 +103,9 @@ def test_distributed_optimizer_step_matches_adamw_reference(work):
         loss.backward()
         before = {name: p.detach().clone() for name, p in reference.named_parameters()}
         torch.optim.AdamW(reference.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0).step()
-        params = results[f"{model_name}/params_after_step"]
+        params = results[f"{model_name}/params_after_step/shared_memory"]
+        collected = results[f"{model_name}/params_after_step/collectives"]
+        assert set(collected) == set(params) and all(torch.equal(collected[n], params[n]) for n in params)
         for name, param in reference.named_parameters():
             if name not in params:
                 continue

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ..helpers import ROOT, TOY_CONFIG
+from ..helpers import ROOT, TOY_CONFIG, assert_hf_folders_bit_identical, convert
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end: minutes on 2 cores
 
@@ -38,12 +38,12 @@ def single_process_step(tmp_path_factory):
     "layout",
     [
         ["parallel.tensor_model_parallel_size=2"],
-        ["parallel.pipeline_model_parallel_size=2"],
-        ["parallel.tensor_model_parallel_size=2", "model.loss_impl=fused_linear"],
+        ["parallel.pipeline_model_parallel_size=2", "rollout.weight_sync_transport=collectives"],
+        ["parallel.tensor_model_parallel_size=2", "model.loss_impl=fused_linear", "rollout.weight_sync_transport=collectives"],
         ["parallel.tensor_model_parallel_size=2", "model.loss_impl=naive"],
         ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true", "parallel.use_distributed_optimizer=true"],
     ],
-    ids=["tp2", "pp2", "tp2-fused_linear", "tp2-naive", "tp2-sp-distopt"],
+    ids=["tp2", "pp2-collectives", "tp2-fused_linear-collectives", "tp2-naive", "tp2-sp-distopt"],
 )
 def test_two_process_layout_matches_single_process(single_process_step, tmp_path, layout):
     parallel = _first_step(TORCHRUN, tmp_path, *layout)
@@ -55,8 +55,6 @@ def test_two_process_layout_matches_single_process(single_process_step, tmp_path
 def test_interleaved_pipeline_matches_single_process_and_its_checkpoint_converts(tmp_path):
     """PP=2 × 2 virtual stages (4-layer toy): same first step as one process; its checkpoint converts to HF
     equal to the run's own HF export."""
-    from .test_checkpoint_convert import _assert_bit_identical, _convert
-
     four_layers = ["toy_model.num_hidden_layers=4", "trainer.save_interval=2", "trainer.export_hf=true"]
     single = _first_step([sys.executable], tmp_path / "single", *four_layers)
     interleaved = _first_step(TORCHRUN, tmp_path / "vpp", *four_layers, "parallel.pipeline_model_parallel_size=2",
@@ -64,6 +62,6 @@ def test_interleaved_pipeline_matches_single_process_and_its_checkpoint_converts
     assert interleaved["acc/mean"] == single["acc/mean"]
     for key in ("actor/pg_loss", "actor/grad_norm", "entropy/mean"):
         assert interleaved[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
-    _convert("megatron_to_hf.py", "--load", str(tmp_path / "vpp" / "checkpoints"), "--out", str(tmp_path / "converted"),
+    convert("megatron_to_hf.py", "--load", str(tmp_path / "vpp" / "checkpoints"), "--out", str(tmp_path / "converted"),
              "--no-progress")
-    _assert_bit_identical(tmp_path / "converted", tmp_path / "vpp" / "hf_final")
+    assert_hf_folders_bit_identical(tmp_path / "converted", tmp_path / "vpp" / "hf_final")

@@ -1,131 +1,169 @@
-"""The SGLang adapter's call sequence, against a FAKE SGLang engine (SGLang cannot run without CUDA).
-
-FakeSGLangEngine and fake_serialize are labelled stand-ins for the GPU-only external; the adapter under
-test is the real code. What is checked: abort before the update, one update call per dtype per bucket
-with the flattened-bucket format and one payload per engine TP rank, cache flushed with the last bucket
-only, ipc_collect after every bucket, KV cache resumed after the weights, prompt-major samples.
+"""The SGLang adapter against a FAKE SGLang engine that enforces sglang 0.5.23's rules (SGLang cannot run without
+CUDA). ``FakeSGLangEngine``, ``fake_serializer`` and the fake ``sglang.srt.managers.io_struct`` module are
+labelled stand-ins for the GPU-only external (tests/sglang_fake.py cites the source of each rule); the adapter
+under test is the real code.
 """
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from megatron_dapo.rollout.sglang_engine import SGLangRolloutEngine
+from megatron_dapo.rollout.sglang_engine import SGLangError, SGLangRolloutEngine
 
+from ..sglang_fake import OUTSIDE_SESSION, FakePayload, FakeSGLangEngine, SchedulerDied, fake_serializer
 
-class FakeSGLangEngine:
-    """FAKE of sglang.Engine (0.5.23 method names): records calls, returns canned generations."""
-
-    def __init__(self):
-        self.calls = []
-        self.tokenizer_manager = self
-
-    def abort_request(self, rid="", abort_all=False):
-        self.calls.append(("abort_request", abort_all))
-
-    def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
-        self.calls.append(("update_weights_from_tensor", named_tensors, load_format, flush_cache))
-
-    def release_memory_occupation(self, tags=None):
-        self.calls.append(("release_memory_occupation", tags))
-
-    def resume_memory_occupation(self, tags=None):
-        self.calls.append(("resume_memory_occupation", tags))
-
-    def generate(self, input_ids, sampling_params, return_logprob):
-        self.calls.append(("generate", input_ids, sampling_params, return_logprob))
-        return [
-            {"output_ids": [7, 1], "meta_info": {"output_token_logprobs": [(-0.5, 7, None), (-0.1, 1, None)],
-                                                 "finish_reason": {"type": "stop"}}}
-            if row % 2 == 0 else
-            {"output_ids": [9, 9, 9], "meta_info": {"output_token_logprobs": [(-1.0, 9, None)] * 3,
-                                                    "finish_reason": {"type": "length", "length": 3}}}
-            for row in range(len(input_ids))
-        ]
+SHAPES = {"a": (2, 2), "b": (3,), "c": (4,), "d": (2,)}
 
 
-def fake_serialize(named_tensors):
-    """FAKE of the CUDA-IPC serialisation: keeps a flat copy and the names/shapes."""
-    return {"flat": torch.cat([t.flatten() for _, t in named_tensors]),
-            "meta": [(name, tuple(t.shape)) for name, t in named_tensors]}
+@dataclass
+class _UpdateWeightVersionReqInput:  # FAKE of sglang.srt.managers.io_struct.UpdateWeightVersionReqInput
+    new_version: str
+    abort_all_requests: bool = True
 
 
-def _adapter(tp_size=2):
+@pytest.fixture(autouse=True)
+def fake_sglang_io_struct(monkeypatch):
+    """FAKE of the one sglang module the adapter imports for the weight version."""
+    module = types.ModuleType("sglang.srt.managers.io_struct")
+    module.UpdateWeightVersionReqInput = _UpdateWeightVersionReqInput
+    for name in ("sglang", "sglang.srt", "sglang.srt.managers"):
+        monkeypatch.setitem(sys.modules, name, sys.modules.get(name) or types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "sglang.srt.managers.io_struct", module)
+
+
+def _adapter(**fake_kwargs):
+    engine = FakeSGLangEngine(tp_size=1, weight_shapes=SHAPES, **fake_kwargs)
     collected = []
-    adapter = SGLangRolloutEngine(FakeSGLangEngine(), tp_size, serialize=fake_serialize,
-                                  ipc_collect=lambda: collected.append(len(adapter.engine.calls)))
-    return adapter, collected
+    adapter = SGLangRolloutEngine(engine, [0], None, stop_token_ids=[1], serialize=fake_serializer(lambda: 0),
+                                  ipc_collect=lambda: collected.append(len(engine.calls)))
+    return adapter, engine, collected
 
 
-def test_weight_update_call_sequence():
-    adapter, collected = _adapter(tp_size=2)
-    buckets = [
-        [("a", torch.ones(2, 2)), ("b", torch.zeros(3, dtype=torch.bfloat16))],  # two dtypes: two payloads
-        [("c", torch.arange(4.0))],
-        [("d", torch.full((2,), 5.0))],
-    ]
+def _names(engine):
+    return [call[0] for call in engine.calls]
+
+
+# ---------------------------------------------------------------- the fake's rules (what the old adapter broke)
+def test_the_fake_refuses_what_sglang_refuses():
+    """Findings 2, 3 and 7 of the GPU review: each call of the earlier adapter is refused or fatal here."""
+    engine = FakeSGLangEngine(tp_size=2, weight_shapes=SHAPES)
+    payload = FakePayload(0, {"a": torch.ones(2, 2)})
+    # 2: an update outside a session is refused with (False, message), not raised
+    assert engine.update_weights_from_tensor([payload, payload], load_format="flattened_bucket") == (False, OUTSIDE_SESSION)
+    # 3: resuming a tag that was never released kills the scheduler
+    with pytest.raises(SchedulerDied, match="not released"):
+        engine.resume_memory_occupation(tags=["weights"])
+    # 7: one payload for every TP rank (and from one GPU) is rejected
+    engine.begin_weight_update()
+    with pytest.raises(SchedulerDied, match="several TP ranks"):
+        engine.update_weights_from_tensor([payload, payload], load_format="flattened_bucket")
+    with pytest.raises(SchedulerDied, match="got tensors of rank 0"):
+        engine.update_weights_from_tensor([payload, FakePayload(0, {"a": torch.ones(2, 2)})], load_format="flattened_bucket")
+    assert engine.update_weights_from_tensor([payload, FakePayload(1, {"a": torch.ones(2, 2)})],
+                                             load_format="flattened_bucket") == (True, "Success")
+
+
+# ---------------------------------------------------------------- the adapter, one rank
+def test_weight_update_runs_in_one_session_and_flushes_once():
+    adapter, engine, collected = _adapter()
+    buckets = [[("a", torch.ones(2, 2)), ("b", torch.zeros(3, dtype=torch.bfloat16))], [("c", torch.arange(4.0))],
+               [("d", torch.full((2,), 5.0))]]
     adapter.update_weights(iter(buckets))
-    calls = adapter.engine.calls
-    assert calls[0] == ("abort_request", True)
-    updates = [c for c in calls if c[0] == "update_weights_from_tensor"]
-    assert len(updates) == 4
-    assert all(c[2] == "flattened_bucket" and len(c[1]) == 2 for c in updates)  # a payload per engine TP rank
-    assert [c[3] for c in updates] == [False, False, False, True]  # flush the cache with the last bucket only
-    assert updates[0][1][0]["meta"] == [("a", (2, 2))] and updates[1][1][0]["meta"] == [("b", (3,))]
-    assert torch.equal(updates[2][1][0]["flat"], torch.arange(4.0))
-    assert collected == [3, 4, 5]  # ipc_collect after each bucket's update calls
-    assert calls[-1] == ("resume_memory_occupation", ["kv_cache", "cuda_graph"])
+    assert _names(engine) == ["abort_request", "begin_weight_update", "update_weights_from_tensor",
+                              "update_weights_from_tensor", "update_weights_from_tensor", "end_weight_update",
+                              "flush_cache", "update_weight_version"]
+    updates = [c for c in engine.calls if c[0] == "update_weights_from_tensor"]
+    assert all(c[1] == "flattened_bucket" and c[2] is False and c[3] == 1 for c in updates)  # one payload per TP rank
+    assert collected == [3, 4, 5]  # ipc_collect after each bucket
+    assert torch.equal(engine.weights["c"], torch.arange(4.0)) and engine.weights["b"].dtype == torch.bfloat16
+    assert engine.weight_version == "1" and adapter.state_dict() == {"weight_version": 1}
+    adapter.update_weights([[("a", torch.zeros(2, 2))]])
+    assert engine.weight_version == "2"  # every sync is a new version
 
 
-def test_colocated_memory_phases():
-    adapter, _ = _adapter()
+def test_refusals_raise_with_sglangs_message():
+    adapter, engine, _ = _adapter()
+    engine.session = True  # a session left open elsewhere: begin is refused
+    with pytest.raises(SGLangError, match="already open"):
+        adapter.update_weights([[("a", torch.ones(2, 2))]])
+
+
+def test_colocated_memory_phases_resume_only_what_was_released():
+    adapter, engine, _ = _adapter()
+    engine.in_flight = 3  # requests still running: the adapter waits for idle before releasing
     adapter.release_memory()
+    adapter.release_memory()  # nothing more to release
+    adapter.resume_memory(("weights",))
+    adapter.update_weights([[("a", torch.ones(2, 2))]])
     adapter.resume_memory()
-    adapter.update_weights([[("w", torch.ones(1))]])
-    names = [c[0] if c[0] != "resume_memory_occupation" else (c[0], tuple(c[1])) for c in adapter.engine.calls]
-    assert names == ["release_memory_occupation", ("resume_memory_occupation", ("weights",)), "abort_request",
-                     "update_weights_from_tensor", ("resume_memory_occupation", ("kv_cache", "cuda_graph"))]
+    adapter.resume_memory()  # nothing released: no call (a second resume would kill SGLang's scheduler)
+    memory = [c for c in engine.calls if "memory" in c[0] or c[0] == "tokenizer_manager.flush_cache"]
+    assert memory == [("tokenizer_manager.flush_cache", 600.0),
+                      ("release_memory_occupation", ("weights", "kv_cache", "cuda_graph")),
+                      ("tokenizer_manager.flush_cache", 600.0),
+                      ("resume_memory_occupation", ("weights",)),
+                      ("resume_memory_occupation", ("kv_cache", "cuda_graph"))]
+    assert engine.offload_tags == set()
 
 
-def test_generate_returns_prompt_major_samples():
-    adapter, _ = _adapter()
+def test_generate_prompt_major_with_the_tokenizers_stop_token_and_abort():
+    script = {5: [7, 9, 9, 9], 8: [4, 1]}  # prompt [5,6] never meets a config EOS; [8] stops on 1
+    adapter, engine, _ = _adapter(eos_token_ids=(2,), script=lambda ids, params: script[ids[0]])
     samples = adapter.generate([[5, 6], [8]], n=2, temperature=0.7, top_p=0.9, max_new_tokens=3)
-    call = adapter.engine.calls[0]
+    call = engine.calls[0]
     assert call[1] == [[5, 6], [5, 6], [8], [8]] and call[3] is True
-    assert call[2] == {"temperature": 0.7, "top_p": 0.9, "top_k": -1, "max_new_tokens": 3}
+    assert call[2] == {"temperature": 0.7, "top_p": 0.9, "top_k": -1, "max_new_tokens": 3, "stop_token_ids": [1]}
     assert [s.prompt_index for s in samples] == [0, 0, 1, 1]
-    assert samples[0].token_ids == [7, 1] and samples[0].logprobs == [-0.5, -0.1] and samples[0].finish_reason == "stop"
-    assert samples[1].finish_reason == "length" and len(samples[1].logprobs) == 3
+    assert samples[0].token_ids == [7, 9, 9] and samples[0].finish_reason == "length"
+    assert samples[2].token_ids == [4, 1] and samples[2].finish_reason == "stop" and samples[2].logprobs == [-0.25, -0.25]
+    assert SGLangRolloutEngine._sample(0, {"output_ids": [3], "meta_info": {
+        "finish_reason": {"type": "abort", "message": "Aborted"}, "output_token_logprobs": [(-1.0, 3, None)]}}).finish_reason == "abort"
 
 
-@pytest.mark.gpu
-def test_real_sglang_engine_updates_weights(tmp_path):
-    """Needs CUDA and SGLang 0.5.23: a tiny model's weights pushed by bucket change its greedy output."""
-    pytest.importorskip("sglang")
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(tmp_path)
-    engine = SGLangRolloutEngine.launch(str(tmp_path), tp_size=1, mem_fraction_static=0.2, seed=0)
-    before = engine.generate([[1, 2, 3]], n=1, temperature=1e-5, top_p=1.0, max_new_tokens=4)
-    engine.release_memory()
-    engine.resume_memory()
-    engine.update_weights([[(n, p.detach().cuda() * 0) for n, p in model.named_parameters()]])
-    after = engine.generate([[1, 2, 3]], n=1, temperature=1e-5, top_p=1.0, max_new_tokens=4)
-    assert before[0].token_ids != after[0].token_ids or before[0].logprobs != after[0].logprobs
-    engine.engine.shutdown()
-
-
-def test_each_bucket_is_serialised_before_the_resharder_reuses_its_memory():
-    adapter, _ = _adapter(tp_size=1)
-    buffer = torch.zeros(3)
+def test_each_bucket_is_copied_before_the_resharder_reuses_its_memory():
+    adapter, engine, _ = _adapter()
+    buffer = torch.zeros(4)
 
     def reusing_buckets():  # like the resharder: one buffer, refilled for every bucket
         for value in range(3):
             buffer.fill_(value)
-            yield [("w", buffer)]
+            yield [("c", buffer)]
 
+    sent = []
+    original = engine.update_weights_from_tensor
+    engine.update_weights_from_tensor = lambda named_tensors, **kw: (sent.append(named_tensors[0].tensors["c"]), original(named_tensors, **kw))[1]
     adapter.update_weights(reusing_buckets())
-    sent = [c[1][0]["flat"] for c in adapter.engine.calls if c[0] == "update_weights_from_tensor"]
-    assert [t.tolist() for t in sent] == [[0.0] * 3, [1.0] * 3, [2.0] * 3]
+    assert [t.tolist() for t in sent] == [[0.0] * 4, [1.0] * 4, [2.0] * 4]
+
+
+# ---------------------------------------------------------------- the adapter, an engine spanning two ranks
+def _two_rank_group(rank: int, init_file: str, fail: bool) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    module = types.ModuleType("sglang.srt.managers.io_struct")
+    module.UpdateWeightVersionReqInput = _UpdateWeightVersionReqInput
+    sys.modules.update({"sglang": types.ModuleType("sglang"), "sglang.srt": types.ModuleType("sglang.srt"),
+                        "sglang.srt.managers": types.ModuleType("sglang.srt.managers"), "sglang.srt.managers.io_struct": module})
+    engine = FakeSGLangEngine(tp_size=2, weight_shapes={"w": (3,)}, group_ranks=[0, 1]) if rank == 0 else None
+    adapter = SGLangRolloutEngine(engine, [0, 1], dist.group.WORLD, serialize=fake_serializer(dist.get_rank),
+                                  ipc_collect=lambda: None)
+    adapter.update_weights([[("w", torch.full((3,), float(rank)))], [("w", torch.full((3,), 5.0 + rank))]])
+    if rank == 0:
+        assert torch.equal(engine.weights["w"], torch.full((3,), 5.0))  # TP rank 0 read rank 0's own copy
+    if fail:
+        if rank == 0:
+            engine.update_weights_from_tensor = lambda *args, **kwargs: (False, "bad bucket")
+        with pytest.raises(SGLangError, match="bad bucket"):  # the refusal reaches both ranks of the group
+            adapter.update_weights([[("w", torch.zeros(3))]])
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["loads", "refusal-reaches-every-rank"])
+def test_every_rank_of_the_group_hands_over_its_own_copy(tmp_path, fail):
+    mp.spawn(_two_rank_group, args=(str(tmp_path / "rendezvous"), fail), nprocs=2, join=True)

@@ -24,7 +24,8 @@ def main() -> None:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--megatron-checkpoint")
     parser.add_argument("--save")
-    parser.add_argument("--export")
+    parser.add_argument("--export", help="HF folder written through the default (shared-memory) transport")
+    parser.add_argument("--export-collectives", help="HF folder written through the collectives transport")
     args = parser.parse_args()
     initialize_distributed(args.tp, args.pp, seed=1)
     overrides = [f"parallel.tensor_model_parallel_size={args.tp}", f"parallel.pipeline_model_parallel_size={args.pp}",
@@ -35,8 +36,9 @@ def main() -> None:
     logprobs, _ = actor.compute_logprobs(torch.load(args.batch), 1.0)
     if args.save:
         actor.save_checkpoint(args.save, 1, {"step": 1}, tokenizer=None)
-    if args.export:  # 0 bytes: a bucket per parameter
-        export_hf(actor.model_chunks, actor.layout, actor.hf_config, Path(args.export), tokenizer=None, bucket_bytes=0)
+    for out_dir, transport in ((args.export, "auto"), (args.export_collectives, "collectives")):
+        if out_dir:  # 0 bytes: a bucket per parameter
+            export_hf(actor.model_chunks, actor.layout, actor.hf_config, Path(out_dir), None, 0, transport=transport)
     if dist.get_rank() == 0:
         torch.save(logprobs, args.out)
     destroy_distributed()

@@ -16,6 +16,7 @@ from megatron_dapo.weights.transfer import gradients_of
 from tests.helpers import build_actor, test_config
 
 MODES = ("token-mean", "seq-mean-token-mean")
+TRANSPORTS = ("shared_memory", "collectives")
 
 
 def main() -> None:
@@ -48,11 +49,15 @@ def main() -> None:
                 results[f"{model_name}/logprobs"] = actor.compute_logprobs(batch, 1.0)[0]
             if args.distopt:
                 actor.train_step(batch)
-                results[f"{model_name}/params_after_step"] = hf_state_dict(actor.model_chunks, actor.layout)
+                for transport in TRANSPORTS:
+                    state = hf_state_dict(actor.model_chunks, actor.layout, transport=transport)
+                    results[f"{model_name}/params_after_step/{transport}"] = state
                 continue
             sums = actor.forward_backward(batch)
             results[f"{model_name}/{mode}/loss"] = sums["loss_numerator"] / sums["loss_count"]
-            results[f"{model_name}/{mode}/grads"] = hf_state_dict(actor.model_chunks, actor.layout, gradients_of)
+            for transport in TRANSPORTS:  # the CPU transport and the GPU path's collectives
+                grads = hf_state_dict(actor.model_chunks, actor.layout, gradients_of, transport=transport)
+                results[f"{model_name}/{mode}/grads/{transport}"] = grads
     if dist.get_rank() == 0:
         torch.save(results, args.work / f"{args.name}.pt")
     destroy_distributed()

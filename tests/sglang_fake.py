@@ -1,0 +1,188 @@
+"""A FAKE of ``sglang.Engine`` 0.5.23 for testing the adapter on CPU hosts, where SGLang cannot run.
+
+It is a stand-in for a GPU-only external, not the code under test, and it is labelled as such wherever it is
+used. It does no inference: ``generate`` returns scripted outputs. What it does do is enforce the rules of the
+real engine that the adapter depends on, each mirrored from the sglang 0.5.23 source cited beside it:
+
+- weight updates outside a ``begin_weight_update()``/``end_weight_update()`` session are refused with
+  ``(False, message)``, not raised (``srt/managers/scheduler_components/weight_updater.py:234,309-335``);
+- a ``flattened_bucket`` update carries one payload per TP rank and rank r reads entry r only
+  (``srt/managers/tp_worker.py:194-201``); each entry must come from the GPU of TP rank r and be a distinct
+  object (one payload shared by all ranks shares one CUDA-IPC ref-counter and makes every worker read one GPU:
+  silent in SGLang, an error here);
+- unknown tensor names or ``load_format``s, releasing while requests run, resuming a tag that was not released,
+  and loading weights into released memory crash the scheduler, which in SGLang kills the whole job
+  (``weight_updater.py:337-422``, ``srt/managers/scheduler.py:2253,6370``): here they raise ``SchedulerDied``;
+- ``generate`` output: ``output_ids`` include the stop token, ``meta_info.output_token_logprobs`` are
+  ``(logprob, token_id, None)`` tuples, ``finish_reason`` is ``{"type": "stop"|"length"|"abort", ...}``
+  (``srt/managers/schedule_batch.py:279-345,1856-1878``); with ``skip_tokenizer_init`` only the model config's
+  EOS ids and ``stop_token_ids`` stop (``srt/configs/model_config.py:2190-2208``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+TAGS = ("kv_cache", "weights", "cuda_graph")  # srt/constants.py:2-9
+OUTSIDE_SESSION = "update_weights_from_tensor must run between begin_weight_update() and end_weight_update()"
+
+
+class SchedulerDied(RuntimeError):
+    """What SGLang does on these errors: the scheduler process dies and SIGQUITs the trainer (the job ends)."""
+
+
+@dataclass
+class FlushResult:
+    success: bool
+    message: str = ""
+
+
+@dataclass
+class FakePayload:
+    """What the fake serializer produces for one rank: the rank that made it and its flat tensors."""
+
+    producer_rank: int
+    tensors: dict[str, torch.Tensor]
+
+
+def fake_serializer(rank_of: Callable[[], int]) -> Callable[[list], FakePayload]:
+    """A FAKE of the CUDA-IPC serialisation: copies the bucket and records which rank (GPU) produced it."""
+
+    def serialize(named_tensors):
+        return FakePayload(rank_of(), {name: tensor.detach().clone() for name, tensor in named_tensors})
+
+    return serialize
+
+
+class _FakeTokenizerManager:
+    def __init__(self, engine: "FakeSGLangEngine") -> None:
+        self.engine = engine
+
+    def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
+        """Fire-and-forget (``srt/managers/tokenizer_manager.py:2241-2265``): aborted requests finish "abort"."""
+        self.engine.calls.append(("abort_request", abort_all))
+        if abort_all:
+            self.engine.in_flight = 0
+
+    async def flush_cache(self, timeout_s: float | None = None) -> FlushResult:
+        """Waits until the scheduler is idle, then flushes (``scheduler_components/flush_wrapper.py:22-61``)."""
+        self.engine.calls.append(("tokenizer_manager.flush_cache", timeout_s))
+        self.engine.in_flight = 0  # the running requests finish while we wait
+        return FlushResult(True)
+
+    async def update_weight_version(self, request) -> None:
+        self.engine.calls.append(("update_weight_version", request.new_version))
+        self.engine.weight_version = request.new_version
+
+
+class FakeSGLangEngine:
+    """FAKE ``sglang.Engine`` (0.5.23 method names and rules, no inference)."""
+
+    def __init__(self, tp_size: int, weight_shapes: dict[str, tuple[int, ...]], group_ranks: list[int] | None = None,
+                 eos_token_ids: tuple[int, ...] = (1,), script: Callable[[list[int], dict], list[int]] | None = None):
+        self.tp_size = tp_size
+        self.group_ranks = group_ranks or list(range(tp_size))  # the rank whose GPU each TP rank runs on
+        self.weight_shapes = weight_shapes
+        self.weights: dict[str, torch.Tensor] = {}
+        self.eos_token_ids = eos_token_ids
+        self.script = script or (lambda ids, params: [7, 7, 1])
+        self.calls: list[tuple] = []
+        self.session = False
+        self.offload_tags: set[str] = set()
+        self.in_flight = 0
+        self.weight_version = "default"
+        self.tokenizer_manager = _FakeTokenizerManager(self)
+        self.loop = asyncio.new_event_loop()
+
+    # ------------------------------------------------------------------ weight updates
+    def begin_weight_update(self) -> tuple[bool, str]:
+        self.calls.append(("begin_weight_update",))
+        if self.session:
+            return False, "a weight-update session is already open; call end_weight_update() first"
+        self.session = True
+        return True, "Success"
+
+    def end_weight_update(self) -> tuple[bool, str]:
+        self.calls.append(("end_weight_update",))
+        if not self.session:
+            return False, "no weight-update session is open; call begin_weight_update() first"
+        self.session = False
+        return True, "Success"
+
+    def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True) -> tuple[bool, str]:
+        self.calls.append(("update_weights_from_tensor", load_format, flush_cache, len(named_tensors)))
+        if not self.session:
+            return False, OUTSIDE_SESSION
+        if load_format != "flattened_bucket":
+            raise SchedulerDied(f"the fake models only load_format='flattened_bucket' (got {load_format!r})")
+        if len(named_tensors) < self.tp_size:
+            raise SchedulerDied(f"TP rank {len(named_tensors)} has no payload: {len(named_tensors)} for tp_size {self.tp_size}")
+        if len({id(p) for p in named_tensors[: self.tp_size]}) < self.tp_size:
+            raise SchedulerDied("one payload object serves several TP ranks: they would share one IPC ref-counter and GPU")
+        if "weights" in self.offload_tags:
+            raise SchedulerDied("weights loaded into released memory (resume 'weights' first)")
+        for tp_rank in range(self.tp_size):  # each TP worker deserialises its own entry
+            payload = named_tensors[tp_rank]
+            if payload.producer_rank != self.group_ranks[tp_rank]:
+                raise SchedulerDied(
+                    f"TP rank {tp_rank} (GPU of rank {self.group_ranks[tp_rank]}) got tensors of rank {payload.producer_rank}'s GPU"
+                )
+            for name, tensor in payload.tensors.items():
+                if name not in self.weight_shapes:
+                    raise SchedulerDied(f"load_weights: unknown parameter {name!r}")
+                if tuple(tensor.shape) != tuple(self.weight_shapes[name]):
+                    raise SchedulerDied(f"load_weights: {name} has shape {tuple(tensor.shape)}, the model {self.weight_shapes[name]}")
+                if tp_rank == 0:
+                    self.weights[name] = tensor
+        if flush_cache and self.in_flight:
+            return False, "Weights were updated, but the cache was not flushed because requests are still running or queued."
+        return True, "Success"
+
+    def flush_cache(self) -> FlushResult:
+        self.calls.append(("flush_cache",))
+        return FlushResult(self.in_flight == 0, "" if self.in_flight == 0 else "requests are running")
+
+    # ------------------------------------------------------------------ memory
+    def release_memory_occupation(self, tags=None) -> None:
+        tags = list(tags or TAGS)
+        self.calls.append(("release_memory_occupation", tuple(tags)))
+        if self.in_flight:
+            raise SchedulerDied("release_memory_occupation should be called only when server is idle.")
+        self.offload_tags.update(tags)
+
+    def resume_memory_occupation(self, tags=None) -> None:
+        tags = list(tags or TAGS)
+        self.calls.append(("resume_memory_occupation", tuple(tags)))
+        for tag in tags:
+            if tag not in self.offload_tags:
+                raise SchedulerDied(f"KeyError: {tag!r} (offload_tags.remove of a tag that was not released)")
+            self.offload_tags.remove(tag)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, input_ids, sampling_params, return_logprob=False):
+        self.calls.append(("generate", [list(ids) for ids in input_ids], sampling_params, return_logprob))
+        if self.offload_tags:
+            raise SchedulerDied(f"generation with released memory {sorted(self.offload_tags)}")
+        params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(input_ids)
+        outputs = []
+        for ids, params in zip(input_ids, params_list):
+            stops = set(self.eos_token_ids) | set(params.get("stop_token_ids") or ())
+            tokens, reason = [], {"type": "length", "length": params.get("max_new_tokens", 128)}
+            for token in self.script(list(ids), params)[: params.get("max_new_tokens", 128)]:
+                tokens.append(token)
+                if token in stops:
+                    reason = {"type": "stop", "matched": token}
+                    break
+            meta = {"id": f"{len(outputs):06d}", "finish_reason": reason, "prompt_tokens": len(ids),
+                    "completion_tokens": len(tokens), "weight_version": self.weight_version}
+            if return_logprob:
+                meta["output_token_logprobs"] = [(-0.25, token, None) for token in tokens]
+            outputs.append({"output_ids": tokens, "meta_info": meta})
+        return outputs
+
+    def shutdown(self) -> None:
+        self.calls.append(("shutdown",))
