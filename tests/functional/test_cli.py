@@ -98,4 +98,5 @@ def test_naive_grpo_baseline_runs_with_kl_to_reference(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["actor/kl_ref"] == pytest.approx(0.0, abs=1e-6)  # first update: policy == reference
     assert rows[-1]["actor/kl_ref"] > 0.0
-    assert all(r["sampling/num_gen_batches"] == 1.0 and r["sampling/kept_group_frac"] == 1.0 for r in rows)
+    # no dynamic sampling: every drawn group is used, exactly train_batch_size (16) of the 24 a round would draw
+    assert all(r["sampling/kept_group_frac"] == 1.0 and r["sampling/num_gen_batches"] == 16 / 24 for r in rows)
