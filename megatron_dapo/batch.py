@@ -5,32 +5,42 @@ from __future__ import annotations
 import torch
 
 from megatron_dapo.algorithm import compute_group_advantages, overlong_filter_mask
-from megatron_dapo.samples import Group
+from megatron_dapo.samples import Group, TrainingSample
 
 
-def build_training_batch(groups: list[Group], pad_token_id: int, overlong_filtering: bool) -> dict[str, torch.Tensor]:
+def training_samples(group: Group) -> list[TrainingSample]:
+    """A scored group's samples with their group-normalised advantages (of the shaped rewards)."""
+    advantages = compute_group_advantages(torch.tensor([group.rewards]))[0].tolist()
+    return [
+        TrainingSample(group.prompt_ids, sample.token_ids, sample.logprobs, advantage, sample.finish_reason == "length")
+        for sample, advantage in zip(group.samples, advantages)
+    ]
+
+
+def build_training_batch(
+    samples: list[TrainingSample], pad_token_id: int, overlong_filtering: bool
+) -> dict[str, torch.Tensor]:
     """Right-padded prompt+response sequences with per-token targets, masks, rollout log-probs, advantages.
 
     Position t holds the prediction of token t+1: ``labels[t] = input_ids[t+1]``; ``loss_mask[t]`` is 1 where
     that label is a response token (prompt and padding are 0; truncated samples are 0 everywhere when
-    ``overlong_filtering``). ``advantages`` are group-normalised shaped rewards, the same for every token.
+    ``overlong_filtering``). ``advantages`` are the same for every token of a sample.
     """
-    samples = [(g.prompt_ids, s) for g in groups for s in g.samples]
-    width = max(len(p) + len(s.token_ids) for p, s in samples)
+    width = max(len(s.prompt_ids) + len(s.token_ids) for s in samples)
     num = len(samples)
     input_ids = torch.full((num, width), pad_token_id, dtype=torch.long)
     loss_mask = torch.zeros(num, width)
     rollout_logprobs = torch.zeros(num, width)
-    for row, (prompt_ids, sample) in enumerate(samples):
-        sequence = prompt_ids + sample.token_ids
+    for row, sample in enumerate(samples):
+        sequence = sample.prompt_ids + sample.token_ids
         input_ids[row, : len(sequence)] = torch.tensor(sequence)
-        start, end = len(prompt_ids) - 1, len(sequence) - 1  # label positions of the response tokens
+        start, end = len(sample.prompt_ids) - 1, len(sequence) - 1  # label positions of the response tokens
         loss_mask[row, start:end] = 1.0
         rollout_logprobs[row, start:end] = torch.tensor(sample.logprobs)
     labels = torch.cat([input_ids[:, 1:], torch.full((num, 1), pad_token_id, dtype=torch.long)], dim=1)
     if overlong_filtering:
-        loss_mask *= overlong_filter_mask([s.finish_reason for _, s in samples]).unsqueeze(1)
-    advantages = compute_group_advantages(torch.tensor([g.rewards for g in groups])).reshape(num, 1)
+        loss_mask *= overlong_filter_mask(["length" if s.truncated else "stop" for s in samples]).unsqueeze(1)
+    advantages = torch.tensor([s.advantage for s in samples]).reshape(num, 1)
     return {
         "input_ids": input_ids,
         "labels": labels,
@@ -38,6 +48,18 @@ def build_training_batch(groups: list[Group], pad_token_id: int, overlong_filter
         "rollout_logprobs": rollout_logprobs,
         "advantages": advantages.expand(num, width).contiguous(),
     }
+
+
+def data_parallel_rows(num_samples: int, mini_batch_size: int, dp_size: int, dp_rank: int) -> list[int]:
+    """The rows of a step's ``num_samples`` that data-parallel rank ``dp_rank`` trains: its equal share of each
+    mini-batch of ``mini_batch_size`` consecutive samples. Its local mini-batches are these rows, in order,
+    ``mini_batch_size // dp_size`` at a time."""
+    share = mini_batch_size // dp_size
+    return [
+        row
+        for start in range(0, num_samples, mini_batch_size)
+        for row in range(start + dp_rank * share, start + (dp_rank + 1) * share)
+    ]
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

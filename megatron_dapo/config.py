@@ -96,8 +96,24 @@ class RolloutConfig:
     weight_sync_transport: Literal["auto", "shared_memory", "collectives"] = option(
         "auto", "resharder transport: shared_memory (CPU processes of one host), collectives (GPU), auto"
     )
-    sglang_tp_size: int = option(0, "SGLang engine TP size; 0: every GPU of the node")
+    ranks_per_engine: int = option(1, "ranks (GPUs) one engine spans (SGLang TP); world_size / this engines in all")
+    sampling_mode: Literal["streaming", "rounds"] = option(
+        "streaming", "dynamic sampling as a stream of groups, or in rounds of algorithm.gen_batch_size prompts"
+    )
+    groups_in_flight: int = option(0, "streaming: groups submitted across all engines at a time; 0: train_batch_size")
     sglang_mem_fraction: float = option(0.6, "SGLang's mem_fraction_static (weights + KV cache share of the GPU)")
+    sglang_deterministic: bool = option(
+        True, "SGLang: per-request sampling seeds (deterministic-inference mode, PyTorch sampling backend)"
+    )
+
+
+@dataclass
+class RewardConfig:
+    function: str = option(
+        "megatron_dapo.reward.math_reward:compute_score",
+        "module:function with compute_score(response, ground_truth, **row_fields) -> float | {score, acc, ...}",
+    )
+    num_workers: int = option(0, "reward worker processes on each engine's rank (0: score inline)")
 
 
 @dataclass
@@ -157,15 +173,25 @@ class DapoConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
-    def validate(self, world_size: int = 1) -> None:
-        """Check every value and cross-field rule; raise ``ConfigError`` naming the keys and the fix."""
+    def validate(self, world_size: int = 1, ranks_per_node: int | None = None) -> None:
+        """Check every value and cross-field rule; raise ``ConfigError`` naming the keys and the fix.
+
+        ``ranks_per_node``: processes per node (torchrun's ``LOCAL_WORLD_SIZE``; default: all on one node).
+        """
         _validate_ranges(self)
         par, alg, ro = self.parallel, self.algorithm, self.rollout
+        ranks_per_node = ranks_per_node or world_size
+        if world_size % ro.ranks_per_engine or ranks_per_node % ro.ranks_per_engine:
+            raise ConfigError(
+                f"rollout.ranks_per_engine={ro.ranks_per_engine} must divide the world size {world_size} and the "
+                f"{ranks_per_node} ranks of a node (an engine's ranks sit on one node)"
+            )
         model_parallel = par.tensor_model_parallel_size * par.pipeline_model_parallel_size
         if world_size % model_parallel:
             raise ConfigError(
@@ -225,11 +251,13 @@ _AT_LEAST_ONE = (
     "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size", "parallel.micro_batch_size",
     "rollout.max_response_length", "rollout.val_n", "algorithm.gen_batch_size", "algorithm.train_batch_size",
     "algorithm.mini_batch_size", "algorithm.ppo_epochs", "model.loss_chunk_size", "data.toy_num_train",
+    "rollout.ranks_per_engine",
 )
 _NON_NEGATIVE = (
     "trainer.max_steps", "trainer.save_interval", "trainer.export_hf_interval", "optimizer.lr", "optimizer.min_lr",
     "optimizer.lr_warmup_steps", "optimizer.weight_decay", "algorithm.kl_coef", "algorithm.overlong_penalty_factor",
-    "rollout.weight_sync_bucket_mb", "rollout.sglang_tp_size", "toy_model.sft_steps", "data.toy_num_val",
+    "rollout.weight_sync_bucket_mb", "rollout.groups_in_flight", "reward.num_workers", "toy_model.sft_steps",
+    "data.toy_num_val",
 )
 _POSITIVE = ("rollout.temperature", "rollout.val_temperature", "optimizer.clip_grad", "optimizer.adam_eps")
 _UNIT_INTERVAL = ("rollout.top_p", "rollout.val_top_p", "rollout.sglang_mem_fraction")  # (0, 1]

@@ -132,3 +132,20 @@ def run_on_rank_zero(work: Callable[[], T], share_result: bool = True) -> T | No
     if error is not None:
         raise error
     return result
+
+
+def run_on_ranks(ranks: list[int], work: Callable[[], T]) -> T | None:
+    """Run ``work`` on each of ``ranks`` (its result stays local; ``None`` elsewhere) and raise the first
+    exception any of them hit on every rank (collective)."""
+    result, error = None, None
+    if dist.get_rank() in ranks:
+        try:
+            result = work()
+        except Exception as exc:  # re-raised below, on every rank
+            error = exc
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+    return result

@@ -29,3 +29,14 @@ class Group:
     samples: list[RolloutSample]
     acc: list[float]  # raw correctness 0/1: what dynamic sampling filters on
     rewards: list[float]  # ±1 plus the overlong penalty: what advantages are computed from
+
+
+@dataclass
+class TrainingSample:
+    """One sample as the actor trains on it: token ids, the engine's log-probs, its group's advantage."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    advantage: float
+    truncated: bool  # stopped by the length limit: what overlong filtering masks out

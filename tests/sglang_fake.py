@@ -13,10 +13,13 @@ real engine that the adapter depends on, each mirrored from the sglang 0.5.23 so
 - unknown tensor names or ``load_format``s, releasing while requests run, resuming a tag that was not released,
   and loading weights into released memory crash the scheduler, which in SGLang kills the whole job
   (``weight_updater.py:337-422``, ``srt/managers/scheduler.py:2253,6370``): here they raise ``SchedulerDied``;
-- ``generate`` output: ``output_ids`` include the stop token, ``meta_info.output_token_logprobs`` are
-  ``(logprob, token_id, None)`` tuples, ``finish_reason`` is ``{"type": "stop"|"length"|"abort", ...}``
+- ``generate``/``async_generate`` output: ``output_ids`` include the stop token, ``meta_info.output_token_logprobs``
+  are ``(logprob, token_id, None)`` tuples, ``finish_reason`` is ``{"type": "stop"|"length"|"abort", ...}``
   (``srt/managers/schedule_batch.py:279-345,1856-1878``); with ``skip_tokenizer_init`` only the model config's
-  EOS ids and ``stop_token_ids`` stop (``srt/configs/model_config.py:2190-2208``).
+  EOS ids and ``stop_token_ids`` stop (``srt/configs/model_config.py:2190-2208``); ``abort_request(abort_all=True)``
+  makes running requests return at once with ``finish_reason`` abort (``srt/managers/scheduler.py:5798-5812``);
+- ``sampling_seed`` is honoured only in deterministic-inference mode, silently ignored otherwise, and fatal with
+  ``min_p > 0`` (``srt/sampling/sampling_batch_info.py:127-171``, ``srt/layers/sampler.py:829-833``).
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ class _FakeTokenizerManager:
         self.engine.calls.append(("abort_request", abort_all))
         if abort_all:
             self.engine.in_flight = 0
+            self.engine.abort_epoch += 1  # every request running now returns "abort"
 
     async def flush_cache(self, timeout_s: float | None = None) -> FlushResult:
         """Waits until the scheduler is idle, then flushes (``scheduler_components/flush_wrapper.py:22-61``)."""
@@ -83,7 +87,8 @@ class FakeSGLangEngine:
     """FAKE ``sglang.Engine`` (0.5.23 method names and rules, no inference)."""
 
     def __init__(self, tp_size: int, weight_shapes: dict[str, tuple[int, ...]], group_ranks: list[int] | None = None,
-                 eos_token_ids: tuple[int, ...] = (1,), script: Callable[[list[int], dict], list[int]] | None = None):
+                 eos_token_ids: tuple[int, ...] = (1,), script: Callable[[list[int], dict], list[int]] | None = None,
+                 deterministic: bool = True, delay: Callable[[list[int]], float] = lambda ids: 0.0):
         self.tp_size = tp_size
         self.group_ranks = group_ranks or list(range(tp_size))  # the rank whose GPU each TP rank runs on
         self.weight_shapes = weight_shapes
@@ -95,6 +100,9 @@ class FakeSGLangEngine:
         self.offload_tags: set[str] = set()
         self.in_flight = 0
         self.weight_version = "default"
+        self.deterministic, self.delay = deterministic, delay
+        self.ignored_seeds = 0
+        self.abort_epoch = 0
         self.tokenizer_manager = _FakeTokenizerManager(self)
         self.loop = asyncio.new_event_loop()
 
@@ -163,13 +171,31 @@ class FakeSGLangEngine:
             self.offload_tags.remove(tag)
 
     # ------------------------------------------------------------------ generation
-    def generate(self, input_ids, sampling_params, return_logprob=False):
+    def generate(self, input_ids, sampling_params, return_logprob=False, rid=None):
         self.calls.append(("generate", [list(ids) for ids in input_ids], sampling_params, return_logprob))
+        return self._outputs(input_ids, sampling_params, return_logprob)
+
+    async def async_generate(self, input_ids, sampling_params, return_logprob=False, rid=None):
+        self.calls.append(("async_generate", [list(ids) for ids in input_ids], sampling_params, return_logprob, rid))
+        self.in_flight += 1
+        started_in = self.abort_epoch
+        await asyncio.sleep(self.delay(input_ids[0]))
+        if self.abort_epoch != started_in:
+            return [{"output_ids": [], "meta_info": {"finish_reason": {"type": "abort", "message": "Aborted"},
+                                                     "output_token_logprobs": []}} for _ in input_ids]
+        self.in_flight = max(self.in_flight - 1, 0)
+        return self._outputs(input_ids, sampling_params, return_logprob)
+
+    def _outputs(self, input_ids, sampling_params, return_logprob):
         if self.offload_tags:
             raise SchedulerDied(f"generation with released memory {sorted(self.offload_tags)}")
         params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(input_ids)
         outputs = []
         for ids, params in zip(input_ids, params_list):
+            if params.get("sampling_seed") is not None:
+                if params.get("min_p", 0.0) > 0:
+                    raise SchedulerDied("With sampling seed, multinomial_with_seed will provide wrong results")
+                self.ignored_seeds += not self.deterministic
             stops = set(self.eos_token_ids) | set(params.get("stop_token_ids") or ())
             tokens, reason = [], {"type": "length", "length": params.get("max_new_tokens", 128)}
             for token in self.script(list(ids), params)[: params.get("max_new_tokens", 128)]:

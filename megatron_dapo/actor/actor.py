@@ -2,8 +2,8 @@
 
 Batches are dicts of ``[batch, seq]`` tensors in *label coordinates*: position t holds the token predicted
 at t (``labels``), its mask (``loss_mask``: response tokens to train on), ``old_logprobs``, ``advantages``
-and optionally ``rollout_is_weights`` and ``ref_logprobs``. Every rank passes the same full batch; the
-actor takes its data-parallel slice.
+and optionally ``rollout_is_weights`` and ``ref_logprobs``. Each rank passes its data-parallel replica's
+share (``batch.data_parallel_rows``); the ranks of one replica pass the same one.
 
 Loss normalisation follows Megatron's per-token contract: each micro-batch's loss function returns
 ``(loss_numerator, count, metrics)``; Megatron sums numerators' gradients over micro-batches and DP ranks and
@@ -32,7 +32,7 @@ from transformers import AutoConfig
 
 from megatron_dapo.actor.model import build_gpt_model, transformer_config_from_hf, transformer_engine_available
 from megatron_dapo.algorithm import PolicyLossConfig
-from megatron_dapo.batch import padding_aware_micro_batches, split_batch, unsort_rows
+from megatron_dapo.batch import padding_aware_micro_batches, unsort_rows
 from megatron_dapo.checkpointing import load_checkpoint, save_checkpoint
 from megatron_dapo.config import ModelConfig, OptimizerConfig, ParallelConfig
 from megatron_dapo.errors import ConfigError
@@ -64,15 +64,6 @@ def _output_layer_bypassed(gpt: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         del output_layer.forward
-
-
-def _data_parallel_slice(batch: Batch) -> Batch:
-    dp_size = parallel_state.get_data_parallel_world_size()
-    dp_rank = parallel_state.get_data_parallel_rank()
-    size = next(iter(batch.values())).shape[0]
-    if size % dp_size:
-        raise ValueError(f"batch of {size} samples does not split over {dp_size} data-parallel ranks")
-    return split_batch(batch, size // dp_size)[dp_rank]
 
 
 def metric_sums(outputs: list[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
@@ -260,14 +251,13 @@ class MegatronActor:
 
     # ------------------------------------------------------------------ schedule
     def _micro_batches(self, batch: Batch) -> tuple[list[Batch], torch.Tensor]:
-        """This DP rank's padding-aware micro-batches (see ``padding_aware_micro_batches``) and their order.
+        """The padding-aware micro-batches of this rank's share (see ``padding_aware_micro_batches``) and their order.
 
         The interleaved schedule needs one shape for all micro-batches: they share the longest one's width.
         """
         multiple = parallel_state.get_tensor_model_parallel_world_size() if self.transformer_config.sequence_parallel else 1
         uniform = len(self.model_chunks) > 1
-        local = _data_parallel_slice(batch)
-        return padding_aware_micro_batches(local, self.parallel.micro_batch_size, multiple, uniform)
+        return padding_aware_micro_batches(batch, self.parallel.micro_batch_size, multiple, uniform)
 
     def _run_schedule(self, chunks: list[torch.nn.Module], micro: list[Batch], loss_func, forward_only: bool) -> list[dict]:
         """Megatron's forward/backward schedule (1F1B under PP, interleaved with model chunks) over ``micro``;
@@ -292,7 +282,8 @@ class MegatronActor:
     def compute_logprobs(
         self, batch: Batch, temperature: float, use_reference: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logprobs, entropy)`` ``[batch, seq]`` of ``batch['labels']`` for the whole batch, on every rank.
+        """``(logprobs, entropy)`` ``[batch, seq]`` of ``batch['labels']`` for this rank's share, on every rank of
+        its pipeline.
 
         Positions after a sample's last ``loss_mask`` token are 0 (they are cut from its micro-batch).
         """
@@ -313,16 +304,7 @@ class MegatronActor:
         last_pp_rank = parallel_state.get_pipeline_model_parallel_last_rank()
         for tensor in (logprobs, entropy):
             dist.broadcast(tensor, src=last_pp_rank, group=pp_group)
-        return self._gather_data_parallel(logprobs), self._gather_data_parallel(entropy)
-
-    @staticmethod
-    def _gather_data_parallel(tensor: torch.Tensor) -> torch.Tensor:
-        dp_size = parallel_state.get_data_parallel_world_size()
-        if dp_size == 1:
-            return tensor
-        parts = [torch.empty_like(tensor) for _ in range(dp_size)]
-        dist.all_gather(parts, tensor.contiguous(), group=parallel_state.get_data_parallel_group())
-        return torch.cat(parts)
+        return logprobs, entropy
 
     # ------------------------------------------------------------------ training
     def _policy_loss_func(self, model: torch.nn.Module, micro_batch: Batch, output: torch.Tensor):
@@ -339,9 +321,10 @@ class MegatronActor:
     def forward_backward(self, batch: Batch) -> dict[str, float]:
         """Gradients of the step's DAPO loss over ``batch`` into ``param.main_grad`` (no optimiser step).
 
-        Every rank passes the same full batch. Megatron sums per-micro-batch numerators over micro-batches
-        and DP ranks and ``finalize_model_grads`` divides by the step's token count: the gradient is the
-        full batch's whatever the layout or micro-batch split. Returns the step's loss metric sums.
+        Each data-parallel replica passes its share of the mini-batch. Megatron sums per-micro-batch numerators
+        over micro-batches and DP ranks and ``finalize_model_grads`` divides by the step's token count: the
+        gradient is the whole mini-batch's whatever the layout or micro-batch split. Returns the step's loss
+        metric sums over all replicas.
         """
         for chunk in self.model_chunks:
             chunk.train()
@@ -360,7 +343,7 @@ class MegatronActor:
         return dict(zip(METRIC_SUM_KEYS, sums.tolist()))
 
     def train_step(self, batch: Batch) -> dict[str, float]:
-        """One optimiser step over ``batch`` (a mini-batch: all ranks pass the same full tensors)."""
+        """One optimiser step over a mini-batch (each data-parallel replica passes its share)."""
         total = self.forward_backward(batch)
         with self._offloadable_memory():  # Adam state created lazily on the first step lands in the region
             _, grad_norm, _ = self.optimizer.step()

@@ -8,7 +8,7 @@ Only ``prompt`` and ``reward_model.ground_truth`` are required.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -22,11 +22,13 @@ class DatasetFormatError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class PromptRecord:
-    """One training/evaluation problem."""
+    """One training/evaluation problem. ``extra``: the row's other fields (``data_source``, ``ability``,
+    ``extra_info``, ...), passed to the reward function as keyword arguments."""
 
     messages: list[dict[str, str]]
     ground_truth: str
     data_source: str
+    extra: dict = field(default_factory=dict, compare=False)
 
 
 def validate_row(row: dict, path: str, index: int) -> PromptRecord:
@@ -49,7 +51,10 @@ def validate_row(row: dict, path: str, index: int) -> PromptRecord:
             "write reward_model: {style: rule, ground_truth: '<answer>'}"
         )
     messages = [{"role": str(m["role"]), "content": m["content"]} for m in prompt]
-    return PromptRecord(messages=messages, ground_truth=str(ground_truth).strip(), data_source=str(row.get("data_source", "")))
+    extra = {key: value for key, value in row.items() if key not in ("prompt", "reward_model")}
+    return PromptRecord(
+        messages=messages, ground_truth=str(ground_truth).strip(), data_source=str(row.get("data_source", "")), extra=extra
+    )
 
 
 def _validate_jsonl_lines(path: Path) -> None:

@@ -2,8 +2,10 @@
 
 Extraction follows the DAPO reference scorer: only the last ``TAIL_CHARS`` characters of the response are
 read; the last ``Answer: <value>`` line wins (Minerva style), else the last ``\\boxed{...}``. Integer answers
-(all of DAPO-Math-17K) are compared as integers (``"19"``, ``"19."``, ``" 019 "``, ``"19.0"``, ``"1,000"``);
-anything else goes through math-verify under a time bound. Looking only at the tail bounds the work for
+(all of DAPO-Math-17K) are compared as integers (``"19"``, ``"19."``, ``" 019 "``, ``"19.0"``, ``"1,000"``,
+and an integer followed by unit words: ``"100 dollars"``, ``"5 \\text{ points}"``, ``"90^\\circ"``, ``"50\\%"``,
+as the reference recipe's normaliser strips units); anything else goes through math-verify under a time
+bound (math-verify would read a unit word as a product of symbols). Looking only at the tail bounds the work for
 huge responses; math-verify's own time-outs bound adversarial LaTeX.
 """
 
@@ -20,6 +22,13 @@ _ANSWER_LINE = re.compile(r"Answer\s*:\s*([^\n]*)", re.IGNORECASE)
 _INTEGER = re.compile(r"^[+-]?\d+$")
 _INTEGRAL_DECIMAL = re.compile(r"^([+-]?\d+)\.0*$")
 _THOUSANDS = re.compile(r"^[+-]?\d{1,3}(,\d{3})+$")
+_NUMBER_THEN_REST = re.compile(r"^([+-]?\d[\d,]*(?:\.0*)?)\s*(.+)$")
+_TEXT_MACRO = re.compile(r"\\(?:text|textbf|mbox|mathrm)\s*\{([^{}]*)\}")
+_DEGREES_OR_PERCENT = re.compile(r"^(?:\^\s*\{?\s*\\circ\s*\}?|\\?%)")
+# Words that are mathematics, not units: "2 pi" is 2π, "3 sqrt" is no unit.
+_MATH_WORDS = {"pi", "sqrt", "sin", "cos", "tan", "log", "ln", "exp", "frac", "cdot", "times", "i", "e"}
+_SHORT_UNITS = {"m", "cm", "mm", "km", "g", "kg", "mg", "s", "h", "hr", "hrs", "min", "ft", "yd", "mi", "oz", "lb",
+                "lbs", "ml", "l", "mph", "kph", "sq", "cu", "am", "pm"}
 
 
 class Score(TypedDict):
@@ -59,9 +68,22 @@ def extract_answer(response: str) -> str | None:
     return boxed.strip() if boxed else None
 
 
+def _only_units(rest: str) -> bool:
+    """Whether what follows a number is nothing but unit words (``dollars``, ``\\text{ cm}``, ``^\\circ``, ``%``)."""
+    rest = _TEXT_MACRO.sub(r" \1 ", rest).replace("\\ ", " ").replace("~", " ").strip()
+    rest = _DEGREES_OR_PERCENT.sub(" ", rest).strip()
+    words = [word.strip(".,;").lower() for word in rest.split()]
+    return all(
+        word.isalpha() and word not in _MATH_WORDS and (len(word) >= 3 or word in _SHORT_UNITS) for word in words
+    )
+
+
 def normalize_integer(text: str) -> int | None:
-    """The integer a string denotes (``"019"``, ``"19."``, ``"19.0"``, ``"1,000"``), or ``None``."""
+    """The integer a string denotes (``"019"``, ``"19."``, ``"19.0"``, ``"1,000"``, ``"100 dollars"``), or ``None``."""
     text = text.strip().strip("$").strip().rstrip(".").strip()
+    number_then_rest = _NUMBER_THEN_REST.match(text)
+    if number_then_rest and _only_units(number_then_rest.group(2)):
+        text = number_then_rest.group(1).rstrip(".")
     if _THOUSANDS.match(text):
         text = text.replace(",", "")
     if _INTEGER.match(text):
@@ -89,8 +111,11 @@ def _math_verify_equal(pred: str, ground_truth: str) -> tuple[bool, bool]:
         return False, False
 
 
-def compute_score(response: str, ground_truth: str) -> Score:
-    """Score one response: ``{score: ±1.0, acc: bool, pred: extracted answer or None, timed_out: bool}``."""
+def compute_score(response: str, ground_truth: str, **extra: object) -> Score:
+    """Score one response: ``{score: ±1.0, acc: bool, pred: extracted answer or None, timed_out: bool}``.
+
+    ``extra``: the data row's other fields (the ``reward.function`` contract); this reward uses none.
+    """
     pred = extract_answer(response)
     if pred is None:
         return Score(score=-1.0, acc=False, pred=None, timed_out=False)

@@ -1,52 +1,54 @@
-"""Generation rounds with scoring and DAPO's dynamic sampling, until a training batch of groups is full."""
+"""A step's rollout across every engine of the job, and delivering its samples to the ranks that train them.
+
+Every rank runs the same loop, in *ticks*. Each tick, every rank plans the same way which new prompts to
+draw from its copy of the sampler and which engine gets each; engine hosts submit theirs, collect what has
+completed (an in-process CPU engine: everything submitted), score it where it was generated and share a small
+summary of each group with every rank (one ``all_gather_object``). From the same summaries every rank takes
+the same decision — so no rank coordinates the others and nothing but summaries travels until the end:
+
+- **Kept in sampler order.** The training groups are the first ``train_batch_size`` qualifying groups (raw
+  accuracy strictly between 0 and 1, when ``algorithm.dynamic_sampling``) in the order the sampler drew them,
+  whatever order they completed in (docs/pitfalls.md, 22). The step is decided once every group drawn before
+  the last kept one has completed.
+- **streaming** (``rollout.sampling_mode``): about ``rollout.groups_in_flight`` groups stay submitted across
+  the engines; when the step is decided the rest is aborted, and every prompt drawn after the last kept group
+  (aborted, completed too late, or never started) goes back to the front of the sampler.
+- **rounds**: ``algorithm.gen_batch_size`` prompts at a time, all completed before deciding; everything drawn is
+  used up (the behaviour before streaming, kept for comparison).
+
+A group's samples depend only on ``trainer.seed``, the step, the group's position in the draw order and the
+weights (``base.group_seed``), so the decision, the kept groups and every metric but the timing-dependent
+``sampling/generated_*``, ``sampling/wasted_token_frac`` and ``sampling/aborted_groups`` are the same whatever
+the number of engines. ``algorithm.max_num_gen_batches`` bounds the groups drawn per step (in units of
+``gen_batch_size``).
+
+Samples then go from the engine hosts straight to the data-parallel ranks that train them, as tensors; no rank
+receives the whole step's samples.
+"""
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
 from megatron_dapo.algorithm import dynamic_sampling_keep, overlong_penalty
+from megatron_dapo.batch import data_parallel_rows, training_samples
 from megatron_dapo.config import AlgorithmConfig, RolloutConfig
 from megatron_dapo.data import PromptRecord, PromptSampler
 from megatron_dapo.errors import UserError
-from megatron_dapo.reward import compute_score
-from megatron_dapo.rollout.base import RolloutEngine
-from megatron_dapo.samples import Group, RolloutSample
+from megatron_dapo.reward import RewardScorer
+from megatron_dapo.rollout.base import EVAL_DRAW, TRAIN_DRAW, GroupRequest, RolloutEngine, group_seed
+from megatron_dapo.rollout.factory import EnginePlacement
+from megatron_dapo.samples import Group, RolloutSample, TrainingSample
 
 
 class DynamicSamplingError(UserError, RuntimeError):
-    """Too few groups with reward spread after the allowed number of generation rounds."""
-
-
-@dataclass
-class RoundStats:
-    """Statistics over every sample generated for one training step (kept or not)."""
-
-    num_gen_batches: int = 0
-    num_groups: int = 0
-    num_kept_groups: int = 0
-    acc: list[float] = field(default_factory=list)
-    rewards: list[float] = field(default_factory=list)
-    lengths: list[int] = field(default_factory=list)
-    truncated: list[bool] = field(default_factory=list)
-    no_answer: int = 0
-    reward_timeouts: int = 0
-
-    def metrics(self) -> dict[str, float]:
-        n = max(len(self.acc), 1)
-        return {
-            "acc/mean": sum(self.acc) / n,
-            "reward/mean": sum(self.rewards) / n,
-            "reward/no_answer_frac": self.no_answer / n,
-            "reward/timeouts": float(self.reward_timeouts),
-            "response_length/mean": sum(self.lengths) / n,
-            "response_length/max": float(max(self.lengths, default=0)),
-            "response_length/clip_ratio": sum(self.truncated) / n,
-            "sampling/num_gen_batches": float(self.num_gen_batches),
-            "sampling/kept_group_frac": self.num_kept_groups / max(self.num_groups, 1),
-        }
+    """Too few groups with reward spread among the groups a step may generate."""
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, record: PromptRecord) -> list[int]:
@@ -55,78 +57,306 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, record: PromptRecord) -> l
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def score_groups(
-    samples: list[RolloutSample],
-    prompts: list[list[int]],
-    records: list[PromptRecord],
-    tokenizer: PreTrainedTokenizerBase,
-    rollout: RolloutConfig,
-    algorithm: AlgorithmConfig,
-    stats: RoundStats,
-) -> list[Group]:
-    """Score ``n`` samples per prompt (prompt-major) into groups, updating ``stats``."""
-    n = rollout.n
-    groups = []
-    for g, (prompt_ids, record) in enumerate(zip(prompts, records)):
-        group_samples = samples[g * n : (g + 1) * n]
-        texts = tokenizer.batch_decode([s.token_ids for s in group_samples], skip_special_tokens=True)
-        scores = [compute_score(text, record.ground_truth) for text in texts]
-        lengths = [len(s.token_ids) for s in group_samples]
-        rewards = torch.tensor([s["score"] for s in scores])
-        if algorithm.overlong_buffer_enable:
-            rewards = rewards + overlong_penalty(
-                lengths, rollout.max_response_length, algorithm.overlong_buffer_len, algorithm.overlong_penalty_factor
-            )
-        acc = [float(s["acc"]) for s in scores]
-        groups.append(Group(prompt_ids, group_samples, acc, rewards.tolist()))
-        stats.acc += acc
-        stats.rewards += rewards.tolist()
-        stats.lengths += lengths
-        stats.truncated += [s.finish_reason == "length" for s in group_samples]
-        stats.no_answer += sum(s["pred"] is None for s in scores)
-        stats.reward_timeouts += sum(s["timed_out"] for s in scores)
-    return groups
+@dataclass
+class GroupSummary:
+    """What every rank learns about a completed group; its samples stay on the engine's rank."""
+
+    position: int
+    engine: int
+    acc: list[float]  # raw correctness: what dynamic sampling filters on (docs/pitfalls.md, 4)
+    rewards: list[float]  # ±1 plus the overlong penalty: what advantages are computed from
+    lengths: list[int]
+    truncated: int
+    no_answer: int
+    timeouts: int
+
+    def qualifies(self, dynamic_sampling: bool) -> bool:
+        return not dynamic_sampling or bool(dynamic_sampling_keep(torch.tensor([self.acc]))[0])
 
 
-def collect_training_groups(
-    engine: RolloutEngine,
-    records: list[PromptRecord],
-    sampler: PromptSampler,
-    tokenizer: PreTrainedTokenizerBase,
-    rollout: RolloutConfig,
-    algorithm: AlgorithmConfig,
-) -> tuple[list[Group], RoundStats]:
-    """Generate rounds of ``gen_batch_size`` prompts × ``n`` samples until ``train_batch_size`` groups are kept.
+def training_cutoff(summaries: dict[int, GroupSummary], num_drawn: int, needed: int, dynamic_sampling: bool) -> int | None:
+    """The position of the ``needed``-th qualifying group in draw order once every group up to it has
+    completed; ``None`` while that is not known."""
+    kept = 0
+    for position in range(num_drawn):
+        if position not in summaries:
+            return None
+        kept += summaries[position].qualifies(dynamic_sampling)
+        if kept == needed:
+            return position
+    return None
 
-    With dynamic sampling, groups whose raw accuracy is 0 or 1 are dropped (zero advantage, zero gradient).
-    More than ``max_num_gen_batches`` rounds (when > 0) raises ``DynamicSamplingError``.
-    """
-    stats = RoundStats()
-    kept: list[Group] = []
-    while len(kept) < algorithm.train_batch_size:
-        if 0 < algorithm.max_num_gen_batches <= stats.num_gen_batches:
-            hint = (
-                " No response contained an extractable answer: check the prompt template asks for 'Answer: <value>'."
-                if stats.no_answer == len(stats.acc)
-                else ""
-            )
-            raise DynamicSamplingError(
-                f"dynamic sampling kept {len(kept)} of algorithm.train_batch_size={algorithm.train_batch_size} groups "
-                f"after algorithm.max_num_gen_batches={algorithm.max_num_gen_batches} generation rounds "
-                f"(accuracy {sum(stats.acc) / max(len(stats.acc), 1):.3f}); raise max_num_gen_batches "
-                f"(<= 0 is unbounded) or use easier prompts.{hint}"
-            )
-        batch_records = [records[i] for i in sampler.next_indices(algorithm.gen_batch_size)]
-        prompts = [encode_prompt(tokenizer, r) for r in batch_records]
-        samples = engine.generate(prompts, rollout.n, rollout.temperature, rollout.top_p, rollout.max_response_length)
-        groups = score_groups(samples, prompts, batch_records, tokenizer, rollout, algorithm, stats)
-        keep = (
-            dynamic_sampling_keep(torch.tensor([g.acc for g in groups])).tolist()
-            if algorithm.dynamic_sampling
-            else [True] * len(groups)
+
+@dataclass
+class StepRollout:
+    """A step's rollout as every rank knows it. ``groups``: the groups this rank's engine generated."""
+
+    kept: list[int]  # positions of the training groups, in draw order
+    summaries: dict[int, GroupSummary]
+    groups: dict[int, Group] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class JobRollout:
+    """The job's engines generating steps and evaluations (collective: every rank calls each method)."""
+
+    def __init__(
+        self,
+        engine: RolloutEngine | None,
+        placement: EnginePlacement,
+        tokenizer: PreTrainedTokenizerBase,
+        rollout: RolloutConfig,
+        algorithm: AlgorithmConfig,
+        scorer: RewardScorer,
+        seed: int,
+        data_parallel_rank_of: list[int],
+    ) -> None:
+        self.engine, self.placement, self.tokenizer = engine, placement, tokenizer
+        self.rollout, self.algorithm, self.scorer, self.seed = rollout, algorithm, scorer, seed
+        self.data_parallel_rank_of = data_parallel_rank_of  # by global rank
+        self.rank = dist.get_rank()
+        self.my_engine = placement.engine_of(self.rank)
+        self.is_host = self.rank == placement.hosts[self.my_engine]
+        self.control = dist.new_group(backend="gloo")  # host-side objects and tensors, on CPU and GPU alike
+
+    # ------------------------------------------------------------------ generating a step
+    def _request(self, record: PromptRecord, key: int, draw: int, step: int) -> GroupRequest:
+        ro = self.rollout
+        temperature, top_p, n = (ro.temperature, ro.top_p, ro.n) if draw == TRAIN_DRAW else (ro.val_temperature, ro.val_top_p, ro.val_n)
+        return GroupRequest(key, encode_prompt(self.tokenizer, record), n, group_seed(self.seed, draw, step, key),
+                            temperature, top_p, ro.max_response_length)
+
+    def _score(
+        self, completed: dict[int, list[RolloutSample]], records: dict[int, PromptRecord], prompts: dict[int, list[int]]
+    ) -> list[tuple[Group, GroupSummary]]:
+        """Score completed groups here, where they were generated (the reward pool scores them together)."""
+        keys = sorted(completed)
+        texts = {key: self.tokenizer.batch_decode([s.token_ids for s in completed[key]], skip_special_tokens=True) for key in keys}
+        items = [(text, records[key].ground_truth, records[key].extra) for key in keys for text in texts[key]]
+        scores = iter(self.scorer.score(items))
+        alg, ro = self.algorithm, self.rollout
+        scored = []
+        for key in keys:
+            samples = completed[key]
+            group_scores = [next(scores) for _ in samples]
+            lengths = [len(s.token_ids) for s in samples]
+            rewards = torch.tensor([score["score"] for score in group_scores])
+            if alg.overlong_buffer_enable:
+                rewards = rewards + overlong_penalty(lengths, ro.max_response_length, alg.overlong_buffer_len, alg.overlong_penalty_factor)
+            acc = [float(score["acc"]) for score in group_scores]
+            summary = GroupSummary(key, self.my_engine, acc, rewards.tolist(), lengths,
+                                   sum(s.finish_reason == "length" for s in samples),
+                                   sum(score["pred"] is None for score in group_scores),
+                                   sum(score["timed_out"] for score in group_scores))
+            scored.append((Group(prompts[key], samples, acc, rewards.tolist()), summary))
+        return scored
+
+    def _plan(self, drawn: list[int], in_flight: list[set[int]], sampler: PromptSampler, limit: float) -> list[tuple[int, int]]:
+        """New ``(position, engine)`` assignments, the same on every rank: streaming tops every engine up to its
+        share of ``groups_in_flight``; rounds draw ``gen_batch_size`` prompts once nothing is in flight."""
+        alg, ro = self.algorithm, self.rollout
+        engines = self.placement.num_engines
+        if ro.sampling_mode == "streaming":
+            capacity = math.ceil((ro.groups_in_flight or alg.train_batch_size) / engines)
+            room = [capacity - len(positions) for positions in in_flight]
+        elif any(in_flight):
+            return []
+        else:
+            room = [alg.gen_batch_size] * engines  # the round is spread below, one engine after the other
+            limit = min(limit, len(drawn) + alg.gen_batch_size)
+        assigned = []
+        while len(drawn) < limit and any(r > 0 for r in room):
+            for engine in range(engines):
+                if room[engine] > 0 and len(drawn) < limit:
+                    assigned.append((len(drawn), engine))
+                    drawn.extend(sampler.next_indices(1))
+                    room[engine] -= 1
+        return assigned
+
+    def generate_step(self, records: list[PromptRecord], sampler: PromptSampler, step: int) -> StepRollout:
+        """Generate, score and select a step's training groups (dynamic sampling across all engines)."""
+        alg, ro = self.algorithm, self.rollout
+        streaming = ro.sampling_mode == "streaming"
+        limit = alg.max_num_gen_batches * alg.gen_batch_size if alg.max_num_gen_batches > 0 else math.inf
+        drawn: list[int] = []  # prompt index by position
+        in_flight: list[set[int]] = [set() for _ in range(self.placement.num_engines)]
+        summaries: dict[int, GroupSummary] = {}
+        groups: dict[int, Group] = {}
+        prompts: dict[int, list[int]] = {}  # prompt token ids of the groups this rank's engine was given
+        rounds, reward_seconds, start = 0, 0.0, time.perf_counter()
+        while True:
+            assigned = self._plan(drawn, in_flight, sampler, limit)
+            rounds += bool(assigned) and not streaming
+            for position, engine in assigned:
+                in_flight[engine].add(position)
+            news: list[GroupSummary] = []
+            if self.is_host:
+                requests = [self._request(records[drawn[p]], p, TRAIN_DRAW, step) for p, e in assigned if e == self.my_engine]
+                prompts.update({request.key: request.prompt_ids for request in requests})
+                self.engine.submit(requests)
+                completed = self.engine.collect() if in_flight[self.my_engine] else {}
+                scoring_start = time.perf_counter()
+                for group, summary in self._score(completed, {p: records[drawn[p]] for p in completed}, prompts):
+                    groups[summary.position] = group
+                    news.append(summary)
+                reward_seconds += time.perf_counter() - scoring_start
+            for host_news in self._gather(news):
+                for summary in host_news:
+                    summaries[summary.position] = summary
+                    in_flight[summary.engine].discard(summary.position)
+            cutoff = training_cutoff(summaries, len(drawn), alg.train_batch_size, alg.dynamic_sampling)
+            idle = not any(in_flight)
+            if cutoff is not None and (streaming or idle):
+                break
+            if idle and (len(drawn) >= limit):
+                raise self._starvation(summaries, len(drawn))
+        aborted = sum(len(positions) for positions in in_flight)
+        if self.is_host:
+            self.engine.abort()
+        consumed = range(cutoff + 1) if streaming else range(len(drawn))
+        if streaming:  # drawn, neither trained nor filtered out: first again next step
+            sampler.give_back([drawn[p] for p in range(cutoff + 1, len(drawn))])
+        kept = [p for p in range(cutoff + 1) if summaries[p].qualifies(alg.dynamic_sampling)]
+        metrics = self._metrics(summaries, consumed, kept, rounds, aborted, time.perf_counter() - start)
+        metrics["timing/reward"] = max(self._gather(reward_seconds))
+        return StepRollout(kept, summaries, {p: g for p, g in groups.items() if p in kept}, metrics)
+
+    def _gather(self, value: object) -> list:
+        values = [None] * dist.get_world_size()
+        dist.all_gather_object(values, value, group=self.control)
+        return values
+
+    def _starvation(self, summaries: dict[int, GroupSummary], num_drawn: int) -> DynamicSamplingError:
+        alg = self.algorithm
+        qualifying = sum(s.qualifies(alg.dynamic_sampling) for s in summaries.values())
+        samples = [a for s in summaries.values() for a in s.acc]
+        no_answer = sum(s.no_answer for s in summaries.values())
+        hint = (
+            " No response contained an extractable answer: check the prompt template asks for 'Answer: <value>'."
+            if samples and no_answer == len(samples) else ""
         )
-        kept += [g for g, k in zip(groups, keep) if k]
-        stats.num_gen_batches += 1
-        stats.num_groups += len(groups)
-        stats.num_kept_groups += sum(keep)
-    return kept[: algorithm.train_batch_size], stats
+        return DynamicSamplingError(
+            f"dynamic sampling kept {qualifying} of algorithm.train_batch_size={alg.train_batch_size} groups among "
+            f"the {num_drawn} groups of algorithm.max_num_gen_batches={alg.max_num_gen_batches} generation batches "
+            f"(accuracy {sum(samples) / max(len(samples), 1):.3f}); raise max_num_gen_batches (<= 0 is unbounded) "
+            f"or use easier prompts.{hint}"
+        )
+
+    def _metrics(self, summaries, consumed, kept, rounds, aborted, seconds) -> dict[str, float]:
+        used = [summaries[p] for p in consumed]
+        acc = [a for s in used for a in s.acc]
+        rewards = [r for s in used for r in s.rewards]
+        lengths = [n for s in used for n in s.lengths]
+        samples = max(len(acc), 1)
+        generated_tokens = sum(sum(s.lengths) for s in summaries.values())
+        trained_tokens = sum(sum(summaries[p].lengths) for p in kept)
+        group_size = self.rollout.n
+        return {
+            "acc/mean": sum(acc) / samples,
+            "reward/mean": sum(rewards) / samples,
+            "reward/no_answer_frac": sum(s.no_answer for s in used) / samples,
+            "reward/timeouts": float(sum(s.timeouts for s in used)),
+            "response_length/mean": sum(lengths) / samples,
+            "response_length/max": float(max(lengths, default=0)),
+            "response_length/clip_ratio": sum(s.truncated for s in used) / samples,
+            "sampling/num_gen_batches": float(rounds) if rounds else len(used) / self.algorithm.gen_batch_size,
+            "sampling/kept_group_frac": sum(s.qualifies(self.algorithm.dynamic_sampling) for s in used) / max(len(used), 1),
+            "sampling/zero_std_all_correct": float(sum(sum(a > 0 for a in s.acc) == group_size for s in used)),
+            "sampling/zero_std_all_wrong": float(sum(sum(a > 0 for a in s.acc) == 0 for s in used)),
+            "sampling/generated_groups": float(len(summaries)),
+            "sampling/generated_tokens": float(generated_tokens),
+            "sampling/wasted_token_frac": 1.0 - trained_tokens / max(generated_tokens, 1),
+            "sampling/aborted_groups": float(aborted),
+            "rollout/tokens_per_s": generated_tokens / max(seconds, 1e-9),
+        }
+
+    # ------------------------------------------------------------------ samples to the ranks that train them
+    def local_training_samples(self, step_rollout: StepRollout, mini_batch_size: int, dp_size: int) -> list[TrainingSample]:
+        """This rank's data-parallel share of the step's samples (``data_parallel_rows`` of the kept groups,
+        group-major, in draw order), sent as tensors by the engine hosts that hold them."""
+        n = self.rollout.n
+        num_samples = len(step_rollout.kept) * n
+        host_of_row = [self.placement.hosts[step_rollout.summaries[p].engine] for p in step_rollout.kept for _ in range(n)]
+        rows_of = {d: data_parallel_rows(num_samples, mini_batch_size, dp_size, d) for d in range(dp_size)}
+        mine = rows_of[self.data_parallel_rank_of[self.rank]]
+        by_row: dict[int, TrainingSample] = {}
+        if self.is_host:
+            own = {p: training_samples(group) for p, group in step_rollout.groups.items()}
+            for row in range(num_samples):
+                if host_of_row[row] == self.rank:
+                    by_row[row] = own[step_rollout.kept[row // n]][row % n]
+        sends = {}  # destination rank -> the rows it gets from this host
+        if self.is_host:
+            for rank in range(dist.get_world_size()):
+                rows = [r for r in rows_of[self.data_parallel_rank_of[rank]] if host_of_row[r] == self.rank]
+                if rows and rank != self.rank:
+                    sends[rank] = rows
+        receives = {}  # source host -> the rows this rank gets from it
+        for row in mine:
+            if host_of_row[row] != self.rank:
+                receives.setdefault(host_of_row[row], []).append(row)
+        by_row.update(self._exchange({dst: [by_row[r] for r in rows] for dst, rows in sends.items()}, receives))
+        return [by_row[row] for row in mine]
+
+    def _exchange(self, outgoing: dict[int, list[TrainingSample]], incoming: dict[int, list[int]]) -> dict[int, TrainingSample]:
+        """Point-to-point: per-sample lengths first, then token ids, log-probs and advantages, as tensors."""
+        requests, headers = [], {}
+        packed = {dst: _pack(samples) for dst, samples in outgoing.items()}
+        for dst, (lengths, *_) in packed.items():
+            requests.append(dist.isend(lengths, dst, group=self.control))
+        for src, rows in incoming.items():
+            headers[src] = torch.empty(len(rows), 3, dtype=torch.long)
+            requests.append(dist.irecv(headers[src], src, group=self.control))
+        for request in requests:
+            request.wait()
+        requests, bodies = [], {}
+        for dst, (_, *tensors) in packed.items():
+            requests += [dist.isend(tensor, dst, group=self.control) for tensor in tensors]
+        for src, lengths in headers.items():
+            bodies[src] = _empty_body(lengths)
+            requests += [dist.irecv(tensor, src, group=self.control) for tensor in bodies[src]]
+        for request in requests:
+            request.wait()
+        return {row: sample for src, rows in incoming.items() for row, sample in zip(rows, _unpack(headers[src], *bodies[src]))}
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, records: list[PromptRecord], draw_step: int) -> list[list[float]]:
+        """Per problem, the correctness of ``rollout.val_n`` samples, known on every rank; problems are spread
+        over the engines and seeded by ``draw_step`` and their index."""
+        results: dict[int, list[float]] = {}
+        if self.is_host:
+            engines = self.placement.num_engines
+            requests = [self._request(records[i], i, EVAL_DRAW, draw_step) for i in range(self.my_engine, len(records), engines)]
+            completed = self.engine.generate(requests)
+            mine = {request.key: records[request.key] for request in requests}
+            for _, summary in self._score(completed, mine, {request.key: request.prompt_ids for request in requests}):
+                results[summary.position] = summary.acc
+        merged = {i: acc for host_results in self._gather(results) for i, acc in host_results.items()}
+        return [merged[i] for i in range(len(records))]
+
+
+def _pack(samples: list[TrainingSample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([[len(s.prompt_ids), len(s.token_ids), int(s.truncated)] for s in samples], dtype=torch.long)
+    tokens = torch.tensor([t for s in samples for t in s.prompt_ids + s.token_ids], dtype=torch.long)
+    logprobs = torch.tensor([lp for s in samples for lp in s.logprobs], dtype=torch.float32)
+    advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
+    return lengths, tokens, logprobs, advantages
+
+
+def _empty_body(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (
+        torch.empty(int(lengths[:, :2].sum()), dtype=torch.long),
+        torch.empty(int(lengths[:, 1].sum()), dtype=torch.float32),
+        torch.empty(len(lengths), dtype=torch.float32),
+    )
+
+
+def _unpack(lengths: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor, advantages: torch.Tensor) -> list[TrainingSample]:
+    samples, token_start, logprob_start = [], 0, 0
+    for (prompt_len, response_len, truncated), advantage in zip(lengths.tolist(), advantages.tolist()):
+        ids = tokens[token_start : token_start + prompt_len + response_len].tolist()
+        samples.append(TrainingSample(ids[:prompt_len], ids[prompt_len:],
+                                      logprobs[logprob_start : logprob_start + response_len].tolist(), advantage, bool(truncated)))
+        token_start += prompt_len + response_len
+        logprob_start += response_len
+    return samples

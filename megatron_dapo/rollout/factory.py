@@ -1,13 +1,15 @@
-"""Which rollout engine a run uses, which ranks it spans, and building this rank's part of it."""
+"""Which rollout engines a run uses, where they sit, and building this rank's part of them."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
 from megatron_dapo.config import RolloutConfig
-from megatron_dapo.distributed import run_on_rank_zero
+from megatron_dapo.distributed import run_on_ranks
 from megatron_dapo.errors import ConfigError
 from megatron_dapo.rollout.base import RolloutEngine
 from megatron_dapo.rollout.hf_engine import HFRolloutEngine
@@ -22,40 +24,59 @@ def engine_class(rollout: RolloutConfig) -> type[RolloutEngine]:
     return HFRolloutEngine
 
 
-def engine_ranks(rollout: RolloutConfig) -> list[int]:
-    """The global ranks the engine spans; the first hosts it. Every one of them receives the weights.
+@dataclass(frozen=True)
+class EnginePlacement:
+    """Engine ``e`` spans the global ranks ``[e·k, (e+1)·k)`` (``k = rollout.ranks_per_engine``, one node) and
+    lives in the first of them, its host."""
 
-    SGLang: ``rollout.sglang_tp_size`` GPUs (0: all of the first node's); the CPU engine: rank 0.
-    """
-    if rollout.engine == "sglang":
-        size = rollout.sglang_tp_size or torch.cuda.device_count()
-        if size > dist.get_world_size():
-            raise ConfigError(f"rollout.sglang_tp_size={size} exceeds the job's {dist.get_world_size()} ranks")
-        return list(range(size))
-    return [0]
+    ranks_per_engine: int
+    world_size: int
+
+    @property
+    def num_engines(self) -> int:
+        return self.world_size // self.ranks_per_engine
+
+    @property
+    def hosts(self) -> list[int]:
+        return [engine * self.ranks_per_engine for engine in range(self.num_engines)]
+
+    def ranks(self, engine: int) -> list[int]:
+        return list(range(engine * self.ranks_per_engine, (engine + 1) * self.ranks_per_engine))
+
+    def engine_of(self, rank: int) -> int:
+        return rank // self.ranks_per_engine
+
+    def weight_receivers(self, rollout: RolloutConfig) -> list[int]:
+        """Ranks the weight sync delivers to: every rank of an SGLang engine (each hands over its own GPU's
+        copy), the host of a CPU engine."""
+        return list(range(self.world_size)) if rollout.engine == "sglang" else self.hosts
 
 
 def build_rollout_engine(
-    rollout: RolloutConfig, hf_dir: str, tokenizer: PreTrainedTokenizerBase, seed: int, weights_by_sync: bool
+    rollout: RolloutConfig,
+    placement: EnginePlacement,
+    hf_dir: str,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int,
+    weights_by_sync: bool,
 ) -> RolloutEngine | None:
-    """This rank's part of the engine (``None`` on ranks it does not span); collective.
+    """This rank's part of its engine (``None`` on the CPU engine's other ranks); collective, and a failure on
+    one rank ends every rank with its error.
 
     ``weights_by_sync``: the folder may hold only config and tokenizer; the weights arrive by the first sync
-    (resume, ``model.megatron_checkpoint``). SGLang always starts that way (``load_format="dummy"``).
+    (``model.megatron_checkpoint``). SGLang always starts that way (``load_format="dummy"``).
     """
     if rollout.engine == "sglang":
         if not torch.cuda.is_available():
             raise ConfigError("rollout.engine='sglang' needs CUDA GPUs; use rollout.engine=hf on CPU")
         from megatron_dapo.rollout.sglang_engine import SGLangRolloutEngine
 
-        ranks = engine_ranks(rollout)
-        group = dist.new_group(ranks)  # every rank takes part in creating a group
-        if dist.get_rank() not in ranks:
-            return None
-        return SGLangRolloutEngine.launch(
-            hf_dir, ranks, group, rollout.sglang_mem_fraction, seed, stop_token_ids=[tokenizer.eos_token_id]
-        )
+        groups = [dist.new_group(placement.ranks(e)) for e in range(placement.num_engines)]  # every rank, in order
+        engine = placement.engine_of(dist.get_rank())
+        ranks = placement.ranks(engine)
+        return run_on_ranks(list(range(placement.world_size)), lambda: SGLangRolloutEngine.launch(
+            hf_dir, ranks, groups[engine], rollout.sglang_mem_fraction, seed, [tokenizer.eos_token_id],
+            rollout.sglang_deterministic,
+        ))
     build = HFRolloutEngine.from_config if weights_by_sync else HFRolloutEngine.from_pretrained
-    return run_on_rank_zero(
-        lambda: build(hf_dir, tokenizer.pad_token_id, tokenizer.eos_token_id, seed), share_result=False
-    )
+    return run_on_ranks(placement.hosts, lambda: build(hf_dir, tokenizer.pad_token_id, tokenizer.eos_token_id))

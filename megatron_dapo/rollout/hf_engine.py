@@ -1,21 +1,45 @@
-"""CPU rollout engine: a Hugging Face ``transformers`` causal LM living in the trainer process.
+"""CPU rollout engine: a Hugging Face ``transformers`` causal LM living in a trainer process.
 
-Batched sampling with a KV cache through ``generate``; per-token log-probs are those of ``softmax(logits / T)``
-over the full vocabulary, not renormalised over the top-p nucleus — what SGLang reports too
-(docs/pitfalls.md, 3). Weight updates copy in place.
+Batched generation with a KV cache through ``generate``. Sampling is seeded per group: ``generate`` runs
+greedy search over Gumbel-perturbed log-probabilities — argmax(log p + G) is a draw from p — and each group's
+noise comes from its own generator, so a group's samples do not depend on the rest of the batch or on the
+engine. Reported log-probs are those of ``softmax(logits / T)`` over the full vocabulary, not renormalised over
+the top-p nucleus — what SGLang reports too (docs/pitfalls.md, 3). Weight updates copy in place.
 """
 
 from __future__ import annotations
 
+from itertools import groupby
 from typing import Iterable
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 from megatron_dapo.errors import different_models
-from megatron_dapo.rollout.base import RolloutEngine
+from megatron_dapo.rollout.base import GroupRequest, RolloutEngine
 from megatron_dapo.samples import RolloutSample
 from megatron_dapo.weights.transfer import Bucket
+
+
+class SeededSampling(LogitsProcessor):
+    """Scores whose argmax is a sample of ``softmax(logits / T)`` (top-p filtered), per-group seeded."""
+
+    def __init__(self, requests: list[GroupRequest], temperature: float, top_p: float) -> None:
+        self.generators = [torch.Generator().manual_seed(request.seed) for request in requests]
+        self.rows = [request.n for request in requests]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logprobs = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:  # keep the smallest set of tokens whose mass reaches top_p
+            sorted_logprobs, order = logprobs.sort(dim=-1, descending=True)
+            mass_before = sorted_logprobs.exp().cumsum(dim=-1) - sorted_logprobs.exp()
+            outside = (mass_before >= self.top_p).scatter(-1, order, mass_before >= self.top_p)
+            logprobs = logprobs.masked_fill(outside, float("-inf"))
+        vocab = scores.shape[-1]
+        uniform = torch.cat([torch.rand((n, vocab), generator=g) for g, n in zip(self.generators, self.rows)])
+        gumbel = -torch.log(-torch.log(uniform.clamp_(min=torch.finfo(torch.float32).tiny)))
+        return logprobs + gumbel
 
 
 class HFRolloutEngine(RolloutEngine):
@@ -23,61 +47,76 @@ class HFRolloutEngine(RolloutEngine):
 
     weight_dtype = torch.float32
 
-    def __init__(self, model: PreTrainedModel, pad_token_id: int, eos_token_id: int, seed: int = 0) -> None:
+    def __init__(self, model: PreTrainedModel, pad_token_id: int, eos_token_id: int) -> None:
         self.model = model.eval()
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
-        self.generator_seed = seed
-        self.num_generate_calls = 0
+        self.queued: list[GroupRequest] = []
         self._params = dict(self.model.named_parameters())
 
     @classmethod
-    def from_pretrained(cls, hf_dir: str, pad_token_id: int, eos_token_id: int, seed: int = 0) -> "HFRolloutEngine":
+    def from_pretrained(cls, hf_dir: str, pad_token_id: int, eos_token_id: int) -> "HFRolloutEngine":
         model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-        return cls(model, pad_token_id, eos_token_id, seed)
+        return cls(model, pad_token_id, eos_token_id)
 
     @classmethod
-    def from_config(cls, hf_dir: str, pad_token_id: int, eos_token_id: int, seed: int = 0) -> "HFRolloutEngine":
+    def from_config(cls, hf_dir: str, pad_token_id: int, eos_token_id: int) -> "HFRolloutEngine":
         """An engine whose weights arrive by ``update_weights`` (the folder needs only ``config.json``)."""
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf_dir), dtype=torch.float32)
-        return cls(model, pad_token_id, eos_token_id, seed)
+        return cls(model, pad_token_id, eos_token_id)
+
+    # ------------------------------------------------------------------ generation
+    def submit(self, requests: list[GroupRequest]) -> None:
+        self.queued += requests
+
+    def collect(self) -> dict[int, list[RolloutSample]]:
+        """Generate everything submitted: one batch per sampling setting."""
+        queued, self.queued = self.queued, []
+        results: dict[int, list[RolloutSample]] = {}
+        setting = lambda r: (r.temperature, r.top_p, r.max_new_tokens)  # noqa: E731
+        for _, batch in groupby(sorted(queued, key=setting), key=setting):
+            results.update(self._generate(list(batch)))
+        return results
+
+    def abort(self) -> int:
+        aborted, self.queued = len(self.queued), []
+        return aborted
 
     @torch.no_grad()
-    def generate(
-        self, prompt_token_ids: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int
-    ) -> list[RolloutSample]:
-        # Seeded per call so that a resumed run samples what the uninterrupted run would have.
-        torch.manual_seed(self.generator_seed * 1_000_003 + self.num_generate_calls)
-        self.num_generate_calls += 1
-        width = max(map(len, prompt_token_ids))
-        input_ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + list(p) for p in prompt_token_ids])
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_token_ids])
+    def _generate(self, requests: list[GroupRequest]) -> dict[int, list[RolloutSample]]:
+        first = requests[0]
+        rows = [request.prompt_ids for request in requests for _ in range(request.n)]
+        width = max(map(len, rows))
+        input_ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + list(p) for p in rows])
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
         output = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            do_sample=True,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=0,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=n,
+            do_sample=False,  # the processor's perturbed scores make greedy search sample
+            logits_processor=LogitsProcessorList([SeededSampling(requests, first.temperature, first.top_p)]),
+            max_new_tokens=first.max_new_tokens,
             pad_token_id=self.pad_token_id,
             eos_token_id=self.eos_token_id,
             output_logits=True,  # the model's raw logits, before temperature and top-p
             return_dict_in_generate=True,
         )
         new_tokens = output.sequences[:, width:]
-        step_logprobs = torch.stack([torch.log_softmax(s.float() / temperature, dim=-1) for s in output.logits], dim=1)
+        step_logprobs = torch.stack([torch.log_softmax(s.float() / first.temperature, dim=-1) for s in output.logits], dim=1)
         token_logprobs = step_logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
         samples = []
-        for row, (tokens, logprobs) in enumerate(zip(new_tokens.tolist(), token_logprobs.tolist())):
+        for tokens, logprobs in zip(new_tokens.tolist(), token_logprobs.tolist()):
             if self.eos_token_id in tokens:
                 length, reason = tokens.index(self.eos_token_id) + 1, "stop"
             else:
                 length, reason = len(tokens), "length"
-            samples.append(RolloutSample(row // n, tokens[:length], logprobs[:length], reason))
-        return samples
+            samples.append((tokens[:length], logprobs[:length], reason))
+        results, start = {}, 0
+        for request in requests:
+            results[request.key] = [RolloutSample(request.key, *sample) for sample in samples[start : start + request.n]]
+            start += request.n
+        return results
 
+    # ------------------------------------------------------------------ weights
     @torch.no_grad()
     def update_weights(self, buckets: Iterable[Bucket]) -> None:
         """Copy each bucket's tensors into the model's parameters in place."""
@@ -91,12 +130,6 @@ class HFRolloutEngine(RolloutEngine):
                         f"weight {name}: the rollout engine's shape {tuple(param.shape)} != the actor's {tuple(tensor.shape)}", "actor"
                     )
                 param.copy_(tensor)
-
-    def state_dict(self) -> dict:
-        return {"num_generate_calls": self.num_generate_calls}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.num_generate_calls = state["num_generate_calls"]
 
     def release_memory(self) -> None:
         """Nothing to release on CPU: the model shares host memory with the trainer and holds no KV cache."""

@@ -31,11 +31,20 @@ over its own GPU's copy of the weights. Rules followed:
 - **Sampling.** With ``skip_tokenizer_init`` only the model config's EOS ids stop generation
   (``srt/configs/model_config.py:2190-2208``): the tokenizer's EOS goes in ``stop_token_ids``. Reported
   log-probs are ``log_softmax(logits / T)``, not renormalised over top-p (``srt/layers/sampler.py:273-317``).
-  ``finish_reason`` is ``stop``, ``length`` or ``abort`` (``srt/managers/schedule_batch.py:279-345``).
+  ``finish_reason`` is ``stop``, ``length`` or ``abort`` (``srt/managers/schedule_batch.py:279-345``). Each
+  sample carries its own ``sampling_seed`` (derived from its group's), honoured in deterministic-inference
+  mode (``srt/sampling/sampling_batch_info.py:127-171``); ``min_p`` is never sent, which that mode would
+  reject fatally (``srt/layers/sampler.py:829-833``).
+- **Streaming.** Each group is one ``async_generate`` request of its n samples on the engine's event loop
+  (``srt/entrypoints/engine.py:545-648``); ``collect`` returns the groups done so far, waiting for at least one.
+  ``abort`` sends ``abort_request(abort_all=True)``: running requests return at once with ``finish_reason``
+  abort and are dropped (``srt/managers/scheduler.py:5798-5812``). Request ids have a fixed width because
+  SGLang aborts by prefix.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Callable, Iterable, Sequence
 
@@ -43,7 +52,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dapo.errors import UserError
-from megatron_dapo.rollout.base import RolloutEngine
+from megatron_dapo.rollout.base import GroupRequest, RolloutEngine
 from megatron_dapo.samples import RolloutSample
 from megatron_dapo.weights.transfer import Bucket
 
@@ -91,6 +100,7 @@ class SGLangRolloutEngine(RolloutEngine):
         group_ranks: list[int],
         group: dist.ProcessGroup | None = None,
         stop_token_ids: Sequence[int] = (),
+        seeded: bool = True,
         serialize: Callable[[Bucket], object] = serialize_flattened_bucket,
         ipc_collect: Callable[[], None] = _ipc_collect,
     ) -> None:
@@ -98,6 +108,8 @@ class SGLangRolloutEngine(RolloutEngine):
         self.group_ranks = group_ranks
         self.group = group
         self.stop_token_ids = list(stop_token_ids)
+        self.seeded = seeded
+        self.in_flight: dict[asyncio.Task, int] = {}  # group requests by their task on the engine's loop
         self.serialize = serialize
         self.ipc_collect = ipc_collect
         self.released: set[str] = set()
@@ -112,8 +124,14 @@ class SGLangRolloutEngine(RolloutEngine):
         mem_fraction_static: float,
         seed: int,
         stop_token_ids: Sequence[int],
+        seeded: bool = True,
     ) -> "SGLangRolloutEngine":
-        """Start the group's engine on its GPUs (host rank only; collective over the group)."""
+        """Start the group's engine on its GPUs (host rank only; collective over the group).
+
+        ``seeded``: per-request ``sampling_seed`` (results independent of the engine count). SGLang honours it
+        only in deterministic-inference mode, which selects its PyTorch sampling backend instead of FlashInfer's
+        (``srt/sampling/sampling_batch_info.py:127-171``, ``srt/arg_groups/overrides.py:1029-1036``).
+        """
         engine = None
         if dist.get_rank() == group_ranks[0]:
             import sglang
@@ -130,38 +148,71 @@ class SGLangRolloutEngine(RolloutEngine):
                 mem_fraction_static=mem_fraction_static,
                 random_seed=seed,
                 skip_tokenizer_init=True,
+                enable_deterministic_inference=seeded,
             )
         if group is not None:
             dist.barrier(group=group)
-        return cls(engine, group_ranks, group, stop_token_ids)
+        return cls(engine, group_ranks, group, stop_token_ids, seeded)
 
     @property
     def is_host(self) -> bool:
         return self.engine is not None
 
     # ------------------------------------------------------------------ generation (host)
-    def generate(
-        self, prompt_token_ids: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int
-    ) -> list[RolloutSample]:
-        input_ids = [list(prompt) for prompt in prompt_token_ids for _ in range(n)]  # prompt-major
-        sampling_params = {
-            "temperature": temperature,
-            "top_p": top_p,
+    def _sampling_params(self, request: GroupRequest, sample: int) -> dict:
+        params = {
+            "temperature": request.temperature,
+            "top_p": request.top_p,
             "top_k": -1,
-            "max_new_tokens": max_new_tokens,
+            "max_new_tokens": request.max_new_tokens,
             "stop_token_ids": self.stop_token_ids,
         }
-        outputs = self.engine.generate(input_ids=input_ids, sampling_params=sampling_params, return_logprob=True)
-        return [self._sample(row // n, output) for row, output in enumerate(outputs)]
+        if self.seeded:  # one seed per sample, derived from the group's: independent of engine and batch
+            params["sampling_seed"] = (request.seed + sample * 0x9E3779B97F4A7C15) % (1 << 63)
+        return params
+
+    def submit(self, requests: list[GroupRequest]) -> None:
+        """Each group becomes one asynchronous batch request of its n samples on the engine's event loop."""
+        for request in requests:
+            coroutine = self.engine.async_generate(
+                input_ids=[list(request.prompt_ids)] * request.n,
+                sampling_params=[self._sampling_params(request, j) for j in range(request.n)],
+                return_logprob=True,
+                rid=[f"g{request.key:09d}s{j:05d}" for j in range(request.n)],  # fixed width: abort matches by prefix
+            )
+            self.in_flight[self.engine.loop.create_task(coroutine)] = request.key
+
+    def collect(self) -> dict[int, list[RolloutSample]]:
+        """Groups completed so far; waits for the first one if none has."""
+        if not self.in_flight:
+            return {}
+        done, _ = self.engine.loop.run_until_complete(
+            asyncio.wait(list(self.in_flight), return_when=asyncio.FIRST_COMPLETED)
+        )
+        results = {}
+        for task in done:
+            key = self.in_flight.pop(task)
+            results[key] = [self._sample(key, output) for output in task.result()]
+        return results
+
+    def abort(self) -> int:
+        """Abort every request (they return at once with ``finish_reason`` abort) and drop them."""
+        if not self.in_flight:
+            return 0
+        self.engine.tokenizer_manager.abort_request(abort_all=True)
+        self.engine.loop.run_until_complete(asyncio.wait(list(self.in_flight)))
+        aborted = len(self.in_flight)
+        self.in_flight.clear()
+        return aborted
 
     @staticmethod
-    def _sample(prompt_index: int, output: dict) -> RolloutSample:
+    def _sample(key: int, output: dict) -> RolloutSample:
         meta = output["meta_info"]
         reason = meta["finish_reason"]["type"]
         if reason not in ("stop", "length", "abort"):
             raise SGLangError(f"SGLang returned finish_reason {meta['finish_reason']!r}")
         logprobs = [entry[0] for entry in meta["output_token_logprobs"]]
-        return RolloutSample(prompt_index, list(output["output_ids"]), logprobs, reason)
+        return RolloutSample(key, list(output["output_ids"]), logprobs, reason)
 
     # ------------------------------------------------------------------ weights (every rank of the group)
     def update_weights(self, buckets: Iterable[Bucket]) -> None:
@@ -232,6 +283,7 @@ class SGLangRolloutEngine(RolloutEngine):
             self.released.difference_update(tags)
 
     def state_dict(self) -> dict:
+        """The weight version continues across a resume."""
         return {"weight_version": self.weight_version}
 
     def load_state_dict(self, state: dict) -> None:

@@ -89,6 +89,15 @@ def build_toy_checkpoint(
     1–9): the policy learns the arithmetic but samples wrong answers often, like a base model that knows more
     than it reliably says — the situation DAPO's sharpening of correct answers improves.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same weights under every launcher: results of 2000 steps depend on reduction order
+    try:
+        return _warm_start(cfg, records, Path(out_dir), seed, progress_bar)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _warm_start(cfg: ToyModelConfig, records: list[PromptRecord], out_dir: Path, seed: int, progress_bar: bool) -> Path:
     torch.manual_seed(seed)
     tokenizer = build_toy_tokenizer()
     model = Qwen2ForCausalLM(toy_hf_config(cfg, tokenizer))
@@ -103,7 +112,6 @@ def build_toy_checkpoint(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from megatron_dapo.algorithm import policy_loss
-from megatron_dapo.batch import build_training_batch
+from megatron_dapo.batch import build_training_batch, training_samples
 from megatron_dapo.errors import CheckpointMismatchError
 from megatron_dapo.rollout import HFRolloutEngine
+from megatron_dapo.rollout.base import GroupRequest
 from megatron_dapo.samples import Group
 from megatron_dapo.weights.hf_mapping import megatron_to_hf
 from megatron_dapo.weights.sync import hf_state_dict
@@ -119,11 +120,12 @@ def test_engine_sampling_logprobs_match_actor_at_temperature(megatron_world, tmp
     top-p < 1 they are still those of the full distribution, as SGLang reports them (not renormalised)."""
     make_tiny_qwen2(tmp_path, tied=True)
     actor = build_actor(_config(), str(tmp_path))
-    engine = HFRolloutEngine.from_pretrained(str(tmp_path), pad_token_id=0, eos_token_id=1, seed=3)
+    engine = HFRolloutEngine.from_pretrained(str(tmp_path), pad_token_id=0, eos_token_id=1)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
-    samples = engine.generate(prompts, n=2, temperature=0.7, top_p=top_p, max_new_tokens=6)
-    groups = [Group(prompt, samples[2 * i : 2 * i + 2], [1.0, 0.0], [1.0, -1.0]) for i, prompt in enumerate(prompts)]
-    batch = build_training_batch(groups, pad_token_id=0, overlong_filtering=False)
+    results = engine.generate([GroupRequest(i, prompt, 2, 3 + i, 0.7, top_p, 6) for i, prompt in enumerate(prompts)])
+    samples = [s for i in range(len(prompts)) for s in results[i]]
+    groups = [Group(prompt, results[i], [1.0, 0.0], [1.0, -1.0]) for i, prompt in enumerate(prompts)]
+    batch = build_training_batch([s for g in groups for s in training_samples(g)], pad_token_id=0, overlong_filtering=False)
     logprobs, _ = actor.compute_logprobs(batch, 0.7)
     mask = batch["loss_mask"].bool()
     assert all(max(s.token_ids) < 50 for s in samples)

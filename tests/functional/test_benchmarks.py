@@ -37,3 +37,13 @@ def test_weight_sync_benchmark_quick():
 def test_convert_memory_benchmark_quick():
     lines = _run_quick("bench_convert_memory.py")
     assert re.fullmatch(r"megatron_to_hf peak_rss_mb=\d+ above_import_floor_mb=-?\d+ bound_mb=\d+", lines[-1])
+
+
+def test_dynamic_sampling_benchmark_quick():
+    lines = _run_quick("bench_dynamic_sampling.py")
+    assert re.fullmatch(r"streaming/rounds generated_tokens_per_kept_group ratio=\d+\.\d+", lines[-1])
+
+
+def test_rollout_scaling_benchmark_quick():
+    lines = _run_quick("bench_rollout_scaling.py")
+    assert re.fullmatch(r"engines 2/1 throughput_ratio=\d+\.\d+", lines[-1])

@@ -1,6 +1,6 @@
 """docs/pitfalls.md, 6: a run killed after step 1 and resumed equals the uninterrupted run (model, Adam state, LR
-schedule, data cursor, rollout sampling and engine weights all restored); a half-written checkpoint is
-never the latest."""
+schedule, data cursor with the prompts a streamed step gave back, engine weights all restored); a
+half-written checkpoint is never the latest."""
 
 import json
 
@@ -31,6 +31,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     expected, resumed = _rows(whole), _rows(split)
     assert [r["step"] for r in resumed] == [1, 2, 3]
+    # step 1's stream generated groups past the training batch: their prompts went back to the sampler, whose
+    # checkpointed state carries them into step 2
+    assert expected[0]["sampling/generated_groups"] > expected[0]["sampling/num_gen_batches"] * 24
     for step in (2, 3):  # step 3 depends on the Adam moments and step count restored from step 1's checkpoint
         for key in COMPARED:
             assert resumed[step - 1][key] == pytest.approx(expected[step - 1][key], rel=1e-6, abs=1e-9), (step, key)

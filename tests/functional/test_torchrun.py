@@ -2,7 +2,6 @@
 and after the in-job weight sync the CPU engine's log-probs equal the actor's within 1e-4."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -18,9 +17,9 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def _first_step(launcher, out, *overrides):
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # same threads as torchrun's workers: identical warm start
+    """The run as a user types it (torchrun's workers get one thread each, the plain run all cores)."""
     command = [*launcher, "-m", "megatron_dapo", "train", "--config", str(TOY_CONFIG), f"trainer.output_dir={out}", *SMALL_RUN, *overrides]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("eval accuracy:") == 1  # printed by rank 0 only
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

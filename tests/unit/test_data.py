@@ -92,6 +92,27 @@ def test_sampler_covers_each_epoch_and_resumes_exactly():
         PromptSampler(11, seed=7).load_state_dict(state)
 
 
+def test_given_back_prompts_come_first_and_survive_a_resume():
+    sampler = PromptSampler(10, seed=7)
+    drawn = sampler.next_indices(6)
+    sampler.give_back(drawn[4:])  # drawn, not used
+    state = sampler.state_dict()
+    following = sampler.next_indices(5)
+    assert following[:2] == drawn[4:] and following[2:] == PromptSampler(10, seed=7).next_indices(9)[6:]
+    resumed = PromptSampler(10, seed=7)
+    resumed.load_state_dict(state)
+    assert resumed.next_indices(5) == following
+
+
+def test_row_fields_reach_the_record():
+    from megatron_dapo.data import validate_row
+
+    row = {"prompt": [{"role": "user", "content": "1+1="}], "reward_model": {"ground_truth": "2"},
+           "data_source": "aime", "extra_info": {"index": 3}}
+    record = validate_row(row, "f", 0)
+    assert record.extra == {"data_source": "aime", "extra_info": {"index": 3}}
+
+
 def test_toy_rows_follow_schema():
     row = make_toy_rows(1, seed=0)[0]
     assert set(row) == {"data_source", "prompt", "ability", "reward_model", "extra_info"}

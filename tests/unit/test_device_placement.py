@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from megatron_dapo.algorithm import PolicyLossConfig, masked_mean, truncated_is_weights
-from megatron_dapo.batch import build_training_batch, padding_aware_micro_batches, split_batch, to_device, unsort_rows
+from megatron_dapo.batch import (
+    build_training_batch,
+    padding_aware_micro_batches,
+    split_batch,
+    to_device,
+    training_samples,
+    unsort_rows,
+)
 from megatron_dapo.ops import fused_linear_logprobs_entropy, naive_logprobs_entropy, vocab_parallel_logprobs_entropy
 from megatron_dapo.ops.dapo_loss import METRIC_SUM_KEYS, dapo_loss_terms
 from megatron_dapo.samples import Group, RolloutSample
@@ -33,7 +40,7 @@ def _cuda_batch() -> dict[str, torch.Tensor]:
 
 def test_the_batch_is_built_on_the_host_and_moved_whole():
     sample = RolloutSample(0, [5, 6, 1], [-0.1, -0.2, -0.3], "stop")
-    batch = build_training_batch([Group([3, 4], [sample, sample], [1.0, 0.0], [1.0, -1.0])], 0, False)
+    batch = build_training_batch(training_samples(Group([3, 4], [sample, sample], [1.0, 0.0], [1.0, -1.0])), 0, False)
     moved = to_device(batch, torch.device("meta"))  # a real device other than the CPU
     assert set(moved) == set(batch) and all(t.device.type == "meta" for t in moved.values())
     assert all(moved[k].shape == batch[k].shape and moved[k].dtype == batch[k].dtype for k in batch)

@@ -66,3 +66,50 @@ def test_pathological_inputs_are_bounded():
         result = compute_score(response, "\\frac{1}{3}")
         assert time.monotonic() - start < 15
         assert result["score"] in (-1.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "answer, value",
+    [("100 dollars", 100), ("100 dollars.", 100), ("5 \\text{ points}", 5), ("90^\\circ", 90), ("50\\%", 50),
+     ("12 cm", 12), ("1,000 apples", 1000), ("3 ways", 3), ("2 pi", None), ("3 x", None), ("7 sqrt", None), ("5x", None)],
+)
+def test_integers_followed_by_unit_words(answer, value):
+    """As the reference recipe's normaliser does; math-verify would read the word as a product of symbols."""
+    assert normalize_integer(answer) == value
+    assert compute_score(f"so\nAnswer: {answer}", "100" if value is None else str(value))["acc"] is (value is not None)
+
+
+def _scaled_reward(response, ground_truth, data_source="", **_):
+    """A custom reward (module:function contract): the answer's length, with a row field."""
+    return {"score": float(len(response)) if data_source == "custom" else -1.0, "acc": response == ground_truth}
+
+
+def test_pluggable_reward_function_gets_the_row_fields_inline_and_in_workers():
+    from megatron_dapo.reward import RewardScorer
+
+    items = [("42", "42", {"data_source": "custom"}), ("7", "42", {"data_source": "custom"}), ("x", "x", {})]
+    expected = [(2.0, True), (1.0, False), (-1.0, True)]
+    for workers in (0, 2):
+        scorer = RewardScorer(f"{__name__}:_scaled_reward", num_workers=workers)
+        scores = scorer.score(items)
+        scorer.close()
+        assert [(s["score"], s["acc"]) for s in scores] == expected
+
+
+def test_default_reward_in_worker_processes_equals_inline():
+    from megatron_dapo.reward import RewardScorer
+
+    items = [("Answer: 19", "19", {}), ("Answer: 18", "19", {}), ("\\boxed{\\frac{84}{2}}", "42", {}), ("no", "3", {})]
+    pool = RewardScorer(num_workers=2)
+    assert pool.score(items) == RewardScorer().score(items)
+    pool.close()
+
+
+@pytest.mark.parametrize("spec, message", [("nomodule", "must look like"), ("json:nothing_here", "cannot be loaded"),
+                                           ("json:__doc__", "not callable")])
+def test_a_wrong_reward_function_names_the_key(spec, message):
+    from megatron_dapo.errors import ConfigError
+    from megatron_dapo.reward import RewardScorer
+
+    with pytest.raises(ConfigError, match=f"reward.function=.*{message}"):
+        RewardScorer(spec)

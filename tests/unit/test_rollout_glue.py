@@ -1,20 +1,26 @@
-"""The glue between engine and trainer: generation rounds, dynamic sampling on raw accuracy, truncation to
-the training batch, overlong filtering and label alignment, with a scripted engine.
+"""The glue between engines and trainer: dynamic sampling across engines (streaming and rounds), groups kept in
+draw order whatever order they complete in, prompts given back, filtering on raw accuracy, starvation, samples
+delivered to the data-parallel ranks that train them, and the training tensors built from them.
 
 ``ScriptedEngine`` is a deterministic ``RolloutEngine`` written for these tests (not a mock of the code under
-test): it answers each prompt with the responses a script gives for it, as token ids of the toy tokenizer.
+test): it answers each prompt with the responses a script gives for it, and can complete groups one per
+``collect``, each submission's last group first, like an engine whose later requests finish first.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from megatron_dapo.batch import build_training_batch
+from megatron_dapo.batch import build_training_batch, data_parallel_rows, training_samples
 from megatron_dapo.config import AlgorithmConfig, RolloutConfig
 from megatron_dapo.data import PromptRecord, PromptSampler
-from megatron_dapo.rollout.base import RolloutEngine
-from megatron_dapo.rollout.collect import DynamicSamplingError, collect_training_groups, encode_prompt
+from megatron_dapo.reward import RewardScorer
+from megatron_dapo.rollout.base import GroupRequest, RolloutEngine
+from megatron_dapo.rollout.collect import DynamicSamplingError, GroupSummary, JobRollout, encode_prompt, training_cutoff
+from megatron_dapo.rollout.factory import EnginePlacement
 from megatron_dapo.samples import Group, RolloutSample
 from megatron_dapo.toy import build_toy_tokenizer
 
@@ -22,25 +28,43 @@ TOKENIZER = build_toy_tokenizer()
 
 
 class ScriptedEngine(RolloutEngine):
-    """Answers prompt ``p`` with ``script[p][i]`` for sample i; cuts at ``max_new_tokens`` ("length")."""
+    """Answers prompt ``p`` with ``script[p]``; ``one_at_a_time`` completes one group per ``collect``: from the
+    oldest submission still running, its last group."""
 
     weight_dtype = torch.float32
 
-    def __init__(self, script: dict[str, list[str]]) -> None:
-        self.script = script
-        self.prompts_seen: list[str] = []
+    def __init__(self, script: dict[str, list[str]], one_at_a_time: bool = False) -> None:
+        self.script, self.one_at_a_time = script, one_at_a_time
+        self.submissions: list[list[GroupRequest]] = []
+        self.completion_order: list[int] = []
 
-    def generate(self, prompt_token_ids, n, temperature, top_p, max_new_tokens):
-        samples = []
-        for index, ids in enumerate(prompt_token_ids):
-            prompt = TOKENIZER.decode(ids)
-            self.prompts_seen.append(prompt)
-            for answer in self.script[prompt][:n]:
-                tokens = TOKENIZER.encode(answer) + [TOKENIZER.eos_token_id]
-                reason = "stop" if len(tokens) <= max_new_tokens else "length"
-                tokens = tokens[:max_new_tokens]
-                samples.append(RolloutSample(index, tokens, [-0.1 * (i + 1) for i in range(len(tokens))], reason))
-        return samples
+    def submit(self, requests):
+        if requests:
+            self.submissions.append(list(requests))
+
+    def collect(self):
+        if self.one_at_a_time:
+            done = [self.submissions[0].pop()]
+            self.submissions = [batch for batch in self.submissions if batch]
+        else:
+            done, self.submissions = [r for batch in self.submissions for r in batch], []
+        results = {}
+        for request in done:
+            answers = self.script[TOKENIZER.decode(request.prompt_ids)][: request.n]
+            results[request.key] = [self._sample(request, answer) for answer in answers]
+            self.completion_order.append(request.key)
+        return results
+
+    @staticmethod
+    def _sample(request, answer):
+        tokens = TOKENIZER.encode(answer) + [TOKENIZER.eos_token_id]
+        reason = "stop" if len(tokens) <= request.max_new_tokens else "length"
+        tokens = tokens[: request.max_new_tokens]
+        return RolloutSample(request.key, tokens, [-0.1 * (i + 1) for i in range(len(tokens))], reason)
+
+    def abort(self):
+        aborted, self.submissions = sum(map(len, self.submissions)), []
+        return aborted
 
     def update_weights(self, buckets):
         raise AssertionError("not used")
@@ -48,7 +72,7 @@ class ScriptedEngine(RolloutEngine):
     def release_memory(self):
         pass
 
-    def resume_memory(self):
+    def resume_memory(self, tags=()):
         pass
 
 
@@ -56,81 +80,150 @@ def _records(*prompts_and_answers):
     return [PromptRecord([{"role": "user", "content": p}], a, "test") for p, a in prompts_and_answers]
 
 
-ROLLOUT = RolloutConfig(n=2, max_response_length=12)
+def _text(prompt_ids):
+    return TOKENIZER.decode(prompt_ids)
 
 
-def test_rounds_until_the_batch_is_full_and_truncated_to_it():
-    records = _records(("1+1=", "2"), ("2+2=", "4"), ("3+3=", "6"), ("4+4=", "8"))
-    script = {
-        "1+1=": ["Answer: 2", "Answer: 2"],  # all correct: dropped
-        "2+2=": ["Answer: 4", "Answer: 5"],  # mixed: kept
-        "3+3=": ["Answer: 1", "Answer: 2"],  # all wrong: dropped
-        "4+4=": ["Answer: 8", "Answer: 9"],  # mixed: kept
-    }
-    engine = ScriptedEngine(script)
-    sampler = PromptSampler(len(records), seed=0)
-    order = PromptSampler(len(records), seed=0).next_indices(4)
-    algorithm = AlgorithmConfig(gen_batch_size=1, train_batch_size=1, max_num_gen_batches=0, overlong_buffer_enable=False)
-    groups, stats = collect_training_groups(engine, records, sampler, TOKENIZER, ROLLOUT, algorithm)
-    mixed = {"2+2=", "4+4="}
-    first_mixed = next(i for i, index in enumerate(order) if records[index].messages[0]["content"] in mixed)
-    assert stats.num_gen_batches == first_mixed + 1  # one prompt per round, until the first mixed group
-    assert len(groups) == 1 and TOKENIZER.decode(groups[0].prompt_ids) == records[order[first_mixed]].messages[0]["content"]
-
-    engine = ScriptedEngine(script)
-    algorithm = AlgorithmConfig(gen_batch_size=4, train_batch_size=1, max_num_gen_batches=0, overlong_buffer_enable=False)
-    groups, stats = collect_training_groups(engine, records, PromptSampler(len(records), 0), TOKENIZER, ROLLOUT, algorithm)
-    assert stats.num_gen_batches == 1 and stats.num_kept_groups == 2
-    assert len(groups) == 1  # two kept, truncated to train_batch_size (the first in sampler order)
-    assert TOKENIZER.decode(groups[0].prompt_ids) == records[order[first_mixed]].messages[0]["content"]
+@pytest.fixture
+def world_of_one(tmp_path):
+    """A one-process gloo job (the rollout's summaries travel by collectives)."""
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    if created:
+        dist.destroy_process_group()
 
 
-def test_filtering_uses_raw_accuracy_not_the_shaped_reward():
+def _rollout(engine, algorithm, rollout=None, world_size=1):
+    rollout = rollout or RolloutConfig(n=2, max_response_length=12, groups_in_flight=4)
+    return JobRollout(engine, EnginePlacement(1, world_size), TOKENIZER, rollout, algorithm, RewardScorer(), seed=1,
+                      data_parallel_rank_of=list(range(world_size)))
+
+
+MIXED = {"1+1=": ["Answer: 2", "Answer: 3"], "2+2=": ["Answer: 4", "Answer: 5"], "3+3=": ["Answer: 6", "Answer: 7"],
+         "4+4=": ["Answer: 8", "Answer: 1"], "5+5=": ["Answer: 10", "Answer: 2"], "6+6=": ["Answer: 12", "Answer: 3"]}
+SIX = _records(("1+1=", "2"), ("2+2=", "4"), ("3+3=", "6"), ("4+4=", "8"), ("5+5=", "10"), ("6+6=", "12"))
+
+
+def _summary(position, acc):
+    return GroupSummary(position, 0, acc, [1.0 if a else -1.0 for a in acc], [3] * len(acc), 0, 0, 0)
+
+
+def test_training_cutoff_waits_for_every_earlier_group():
+    summaries = {1: _summary(1, [1, 0]), 2: _summary(2, [1, 0]), 3: _summary(3, [1, 1])}
+    assert training_cutoff(summaries, 5, needed=2, dynamic_sampling=True) is None  # position 0 still running
+    summaries[0] = _summary(0, [0, 0])  # it completes, and is filtered out
+    assert training_cutoff(summaries, 5, needed=2, dynamic_sampling=True) == 2
+    assert training_cutoff(summaries, 5, needed=2, dynamic_sampling=False) == 1
+    assert training_cutoff(summaries, 4, needed=3, dynamic_sampling=True) is None  # not enough yet
+
+
+def test_streaming_keeps_groups_in_draw_order_and_gives_back_the_rest(world_of_one):
+    """Groups complete last-drawn first; the kept ones are still the first qualifying in draw order, and the
+    prompts drawn after the last kept one (completed or not) come first again next step."""
+    engine = ScriptedEngine(MIXED, one_at_a_time=True)
+    sampler = PromptSampler(len(SIX), seed=0)
+    order = PromptSampler(len(SIX), seed=0).next_indices(6)
+    rollout = _rollout(engine, AlgorithmConfig(train_batch_size=2, gen_batch_size=2, max_num_gen_batches=0,
+                                               overlong_buffer_enable=False))
+    step = rollout.generate_step(SIX, sampler, step=1)
+    assert step.kept == [0, 1]
+    assert [_text(step.groups[p].prompt_ids) for p in step.kept] == [SIX[order[0]].messages[0]["content"],
+                                                                       SIX[order[1]].messages[0]["content"]]
+    assert engine.completion_order[:4] == [3, 2, 1, 0]  # completion order was the reverse of draw order
+    returned = list(sampler.returned)  # drawn after the last kept one (completed or not): given back, in order
+    assert len(returned) >= 2 and returned == PromptSampler(len(SIX), seed=0).next_indices(2 + len(returned))[2:]
+    assert sampler.next_indices(len(returned)) == returned
+    metrics = step.metrics
+    assert metrics["sampling/generated_groups"] == 4 and metrics["sampling/kept_group_frac"] == 1.0
+    assert metrics["acc/mean"] == 0.5  # over the used groups only (positions 0 and 1)
+
+
+def test_rounds_use_up_everything_drawn(world_of_one):
+    engine = ScriptedEngine(MIXED)
+    sampler = PromptSampler(len(SIX), seed=0)
+    rollout = _rollout(engine, AlgorithmConfig(train_batch_size=2, gen_batch_size=3, max_num_gen_batches=0,
+                                               overlong_buffer_enable=False),
+                       RolloutConfig(n=2, max_response_length=12, sampling_mode="rounds"))
+    step = rollout.generate_step(SIX, sampler, step=1)
+    assert step.kept == [0, 1] and sampler.returned == [] and sampler.cursor == 3
+    assert step.metrics["sampling/num_gen_batches"] == 1.0 and step.metrics["sampling/generated_groups"] == 3
+
+
+def test_filtering_uses_raw_accuracy_not_the_shaped_reward(world_of_one):
     """An all-correct group whose overlong penalty spreads its rewards is still dropped (docs/pitfalls.md, 4)."""
     records = _records(("1+1=", "2"), ("2+2=", "4"))
-    script = {
-        "1+1=": ["Answer: 2", "Answer:2"],  # both correct; 10 and 9 tokens, on the overlong ramp (6..12)
-        "2+2=": ["Answer: 4", "Answer: 3"],
-    }
-    algorithm = AlgorithmConfig(gen_batch_size=2, train_batch_size=1, max_num_gen_batches=0, overlong_buffer_len=6)
-    groups, stats = collect_training_groups(ScriptedEngine(script), records, PromptSampler(2, 0), TOKENIZER, ROLLOUT, algorithm)
-    assert stats.num_kept_groups == 1
-    assert TOKENIZER.decode(groups[0].prompt_ids) == "2+2="
-    assert groups[0].acc == [1.0, 0.0]
-    # the dropped group's shaped rewards differ: 1 − (10 − 6)/6 and 1 − (9 − 6)/6
-    assert sorted(r for r in stats.rewards if r > 0) == pytest.approx(sorted([1 - 4 / 6, 1 - 3 / 6, 1 - 4 / 6]))
+    script = {"1+1=": ["Answer: 2", "Answer:2"], "2+2=": ["Answer: 4", "Answer: 3"]}  # 10 and 9 tokens: on the ramp
+    rollout = _rollout(ScriptedEngine(script), AlgorithmConfig(train_batch_size=1, gen_batch_size=2, max_num_gen_batches=0,
+                                                                overlong_buffer_len=6))
+    step = rollout.generate_step(records, PromptSampler(2, 0), step=1)
+    kept = step.groups[step.kept[0]]
+    assert _text(kept.prompt_ids) == "2+2=" and kept.acc == [1.0, 0.0]
+    dropped = next(s for s in step.summaries.values() if s.acc == [1.0, 1.0])
+    assert dropped.rewards == pytest.approx([1 - 4 / 6, 1 - 3 / 6])  # shaped rewards differ, still dropped
 
 
-def test_starvation_is_a_clear_error_with_the_template_hint():
+def test_starvation_is_a_clear_error_with_the_template_hint(world_of_one):
     records = _records(("1+1=", "2"))
-    script = {"1+1=": ["no answer here", "none"]}
-    algorithm = AlgorithmConfig(gen_batch_size=1, train_batch_size=1, max_num_gen_batches=3, overlong_buffer_enable=False)
+    rollout = _rollout(ScriptedEngine({"1+1=": ["no answer here", "none"]}),
+                       AlgorithmConfig(gen_batch_size=1, train_batch_size=1, max_num_gen_batches=3, overlong_buffer_enable=False))
     with pytest.raises(DynamicSamplingError, match="max_num_gen_batches=3.*Answer: <value>"):
-        collect_training_groups(ScriptedEngine(script), records, PromptSampler(1, 0), TOKENIZER, ROLLOUT, algorithm)
+        rollout.generate_step(records, PromptSampler(1, 0), step=1)
 
 
 def test_training_batch_labels_masks_and_overlong_filtering():
     prompt = encode_prompt(TOKENIZER, _records(("12+3=", "15"))[0])
     finished = RolloutSample(0, [7, 8, 9, TOKENIZER.eos_token_id], [-0.1, -0.2, -0.3, -0.4], "stop")
     truncated = RolloutSample(0, [5, 6], [-1.0, -2.0], "length")
-    group = Group(prompt, [finished, truncated], acc=[1.0, 0.0], rewards=[1.0, -1.0])
-    batch = build_training_batch([group], TOKENIZER.pad_token_id, overlong_filtering=False)
+    samples = training_samples(Group(prompt, [finished, truncated], acc=[1.0, 0.0], rewards=[1.0, -1.0]))
+    batch = build_training_batch(samples, TOKENIZER.pad_token_id, overlong_filtering=False)
     p = len(prompt)
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["loss_mask"]
     assert ids.shape == (2, p + 4)
     assert ids[0].tolist() == prompt + [7, 8, 9, TOKENIZER.eos_token_id]
     assert torch.equal(labels[:, :-1], ids[:, 1:])  # position t predicts token t+1
-    # response tokens are the labels at positions p-1 … p-1+len-1
     assert mask[0].nonzero().flatten().tolist() == [p - 1, p, p + 1, p + 2]
     assert labels[0, p - 1 : p + 3].tolist() == [7, 8, 9, TOKENIZER.eos_token_id]
     assert mask[1].nonzero().flatten().tolist() == [p - 1, p]
     assert batch["rollout_logprobs"][0, p - 1 : p + 3].tolist() == pytest.approx([-0.1, -0.2, -0.3, -0.4])
-    assert batch["rollout_logprobs"][1, p - 1 : p + 1].tolist() == pytest.approx([-1.0, -2.0])
-    # advantages: (R − mean) / (std + eps), the same for every token of a sample
-    std = torch.tensor([1.0, -1.0]).std()
-    assert batch["advantages"][0].unique().item() == pytest.approx(1.0 / (std.item() + 1e-6), rel=1e-5)
-    assert batch["advantages"][1].unique().item() == pytest.approx(-1.0 / (std.item() + 1e-6), rel=1e-5)
+    std = torch.tensor([1.0, -1.0]).std().item()  # (R − mean) / (std + eps), the same for every token
+    assert batch["advantages"][0].unique().item() == pytest.approx(1.0 / (std + 1e-6), rel=1e-5)
+    assert batch["advantages"][1].unique().item() == pytest.approx(-1.0 / (std + 1e-6), rel=1e-5)
+    filtered = build_training_batch(samples, TOKENIZER.pad_token_id, overlong_filtering=True)
+    assert torch.equal(filtered["loss_mask"][0], mask[0]) and filtered["loss_mask"][1].sum() == 0
 
-    filtered = build_training_batch([group], TOKENIZER.pad_token_id, overlong_filtering=True)
-    assert torch.equal(filtered["loss_mask"][0], mask[0])
-    assert filtered["loss_mask"][1].sum() == 0  # truncated: no token trained
+
+def test_data_parallel_rows_are_each_replicas_share_of_every_mini_batch():
+    assert data_parallel_rows(8, 4, 2, 0) == [0, 1, 4, 5] and data_parallel_rows(8, 4, 2, 1) == [2, 3, 6, 7]
+    assert sorted(data_parallel_rows(12, 6, 3, 0) + data_parallel_rows(12, 6, 3, 1) + data_parallel_rows(12, 6, 3, 2)) == list(range(12))
+
+
+def _two_engines(rank: int, init_file: str, out: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    engine = ScriptedEngine(MIXED, one_at_a_time=rank == 1)
+    algorithm = AlgorithmConfig(train_batch_size=4, gen_batch_size=4, max_num_gen_batches=0, mini_batch_size=4,
+                                overlong_buffer_enable=False)
+    rollout = _rollout(engine, algorithm, world_size=2)
+    step = rollout.generate_step(SIX, PromptSampler(len(SIX), 0), step=1)
+    samples = rollout.local_training_samples(step, mini_batch_size=4, dp_size=2)
+    out[rank] = (step.kept, sorted(step.groups), [(_text(s.prompt_ids), s.token_ids, s.advantage) for s in samples])
+    dist.destroy_process_group()
+
+
+def test_two_engines_share_the_step_and_each_replica_gets_its_rows(tmp_path):
+    """Two engines (one per process): the same kept groups as one engine would keep, each engine holding the
+    groups it generated, and each data-parallel rank receiving exactly its rows, from whichever engine has them."""
+    out = mp.Manager().dict()
+    mp.spawn(_two_engines, args=(str(tmp_path / "rendezvous"), out), nprocs=2, join=True)
+    kept, held_0, rows_0 = out[0]
+    assert kept == out[1][0] == [0, 1, 2, 3]
+    assert held_0 and out[1][1] and set(held_0) | set(out[1][1]) == {0, 1, 2, 3}  # both engines generated
+    order = PromptSampler(len(SIX), seed=0).next_indices(4)
+    expected = []  # group-major rows of the kept groups, from the script
+    for position in kept:
+        prompt = SIX[order[position]].messages[0]["content"]
+        expected += [(prompt, TOKENIZER.encode(answer) + [TOKENIZER.eos_token_id]) for answer in MIXED[prompt]]
+    for rank, rows in ((0, rows_0), (1, out[1][2])):
+        assert [(p, t) for p, t, _ in rows] == [expected[r] for r in data_parallel_rows(8, 4, 2, rank)]
+        assert all(abs(a) > 0.5 for _, _, a in rows)  # mixed groups: non-zero advantages

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megatron_dapo.rollout.base import GroupRequest
 from megatron_dapo.rollout.sglang_engine import SGLangError, SGLangRolloutEngine
 
 from ..sglang_fake import OUTSIDE_SESSION, FakePayload, FakeSGLangEngine, SchedulerDied, fake_serializer
@@ -113,18 +114,34 @@ def test_colocated_memory_phases_resume_only_what_was_released():
     assert engine.offload_tags == set()
 
 
-def test_generate_prompt_major_with_the_tokenizers_stop_token_and_abort():
+def test_groups_are_seeded_per_sample_stop_on_the_tokenizers_eos_and_come_back_as_they_complete():
     script = {5: [7, 9, 9, 9], 8: [4, 1]}  # prompt [5,6] never meets a config EOS; [8] stops on 1
-    adapter, engine, _ = _adapter(eos_token_ids=(2,), script=lambda ids, params: script[ids[0]])
-    samples = adapter.generate([[5, 6], [8]], n=2, temperature=0.7, top_p=0.9, max_new_tokens=3)
-    call = engine.calls[0]
-    assert call[1] == [[5, 6], [5, 6], [8], [8]] and call[3] is True
-    assert call[2] == {"temperature": 0.7, "top_p": 0.9, "top_k": -1, "max_new_tokens": 3, "stop_token_ids": [1]}
-    assert [s.prompt_index for s in samples] == [0, 0, 1, 1]
-    assert samples[0].token_ids == [7, 9, 9] and samples[0].finish_reason == "length"
-    assert samples[2].token_ids == [4, 1] and samples[2].finish_reason == "stop" and samples[2].logprobs == [-0.25, -0.25]
-    assert SGLangRolloutEngine._sample(0, {"output_ids": [3], "meta_info": {
-        "finish_reason": {"type": "abort", "message": "Aborted"}, "output_token_logprobs": [(-1.0, 3, None)]}}).finish_reason == "abort"
+    adapter, engine, _ = _adapter(eos_token_ids=(2,), script=lambda ids, params: script[ids[0]],
+                                  delay=lambda ids: 0.02 if ids[0] == 5 else 0.0)
+    requests = [GroupRequest(0, [5, 6], 2, 11, 0.7, 0.9, 3), GroupRequest(1, [8], 2, 12, 0.7, 0.9, 3)]
+    adapter.submit(requests)
+    first = adapter.collect()  # the quick group completes first
+    assert list(first) == [1] and [s.token_ids for s in first[1]] == [[4, 1], [4, 1]]
+    assert first[1][0].finish_reason == "stop" and first[1][0].logprobs == [-0.25, -0.25]
+    second = adapter.collect()
+    assert [s.token_ids for s in second[0]] == [[7, 9, 9]] * 2 and second[0][0].finish_reason == "length"
+    calls = [c for c in engine.calls if c[0] == "async_generate"]
+    assert calls[0][1] == [[5, 6], [5, 6]] and calls[0][3] is True
+    params = calls[0][2]
+    assert all(p["stop_token_ids"] == [1] and p["top_k"] == -1 and p["max_new_tokens"] == 3 for p in params)
+    seeds = [p["sampling_seed"] for call in calls for p in call[2]]
+    assert len(set(seeds)) == 4 and engine.ignored_seeds == 0  # one seed per sample, honoured (deterministic mode)
+    assert calls[0][4] == ["g000000000s00000", "g000000000s00001"]  # fixed-width ids: abort matches by prefix
+    assert adapter.generate(requests)[0][0].token_ids == second[0][0].token_ids  # the same seeds, the same samples
+
+
+def test_abort_drops_the_groups_still_running():
+    adapter, engine, _ = _adapter(delay=lambda ids: 0.05 * ids[0])
+    adapter.submit([GroupRequest(key, [key], 1, key, 1.0, 1.0, 3) for key in (1, 2, 3)])
+    assert list(adapter.collect()) == [1]
+    assert adapter.abort() == 2 and adapter.in_flight == {} and adapter.collect() == {}
+    assert ("abort_request", True) in engine.calls
+    assert list(adapter.generate([GroupRequest(4, [4], 1, 4, 1.0, 1.0, 3)])) == [4]  # the engine serves on
 
 
 def test_each_bucket_is_copied_before_the_resharder_reuses_its_memory():

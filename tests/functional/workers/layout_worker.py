@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron.core import parallel_state
+
+from megatron_dapo.batch import data_parallel_rows
 from megatron_dapo.distributed import destroy_distributed, initialize_distributed
 from megatron_dapo.weights.sync import hf_state_dict
 from megatron_dapo.weights.transfer import gradients_of
@@ -40,20 +43,34 @@ def main() -> None:
         "optimizer.lr": 1e-3, "optimizer.lr_warmup_steps": 0, "optimizer.weight_decay": 0.0,
         "optimizer.clip_grad": 1e9, "rollout.temperature": 1.0,
     }
+    # This data-parallel replica's share (one mini-batch: the whole batch), and the way back to the full batch.
+    dp_size, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    num = batch["input_ids"].shape[0]
+    rows = data_parallel_rows(num, num, dp_size, dp_rank)
+    local = {key: value[rows] for key, value in batch.items()}
+
+    def full_batch_logprobs(local_logprobs):
+        parts = [torch.empty_like(local_logprobs) for _ in range(dp_size)]
+        dist.all_gather(parts, local_logprobs, group=parallel_state.get_data_parallel_group())
+        merged = torch.empty(num, local_logprobs.shape[1])
+        for replica, part in enumerate(parts):
+            merged[data_parallel_rows(num, num, dp_size, replica)] = part
+        return merged
+
     results: dict[str, object] = {}
     for model_name in ("untied", "tied"):
         hf_dir = args.work / model_name
         for mode in MODES[:1] if args.distopt else MODES:  # the distributed optimizer keeps only a gradient shard
             actor = build_actor(test_config(**overrides, **{"algorithm.loss_agg_mode": mode}), hf_dir)
             if mode == MODES[0]:
-                results[f"{model_name}/logprobs"] = actor.compute_logprobs(batch, 1.0)[0]
+                results[f"{model_name}/logprobs"] = full_batch_logprobs(actor.compute_logprobs(local, 1.0)[0])
             if args.distopt:
-                actor.train_step(batch)
+                actor.train_step(local)
                 for transport in TRANSPORTS:
                     state = hf_state_dict(actor.model_chunks, actor.layout, transport=transport)
                     results[f"{model_name}/params_after_step/{transport}"] = state
                 continue
-            sums = actor.forward_backward(batch)
+            sums = actor.forward_backward(local)
             results[f"{model_name}/{mode}/loss"] = sums["loss_numerator"] / sums["loss_count"]
             for transport in TRANSPORTS:  # the CPU transport and the GPU path's collectives
                 grads = hf_state_dict(actor.model_chunks, actor.layout, gradients_of, transport=transport)
