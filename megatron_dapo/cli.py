@@ -73,7 +73,10 @@ def _plan_hf_config(config: DapoConfig, model_config: str | None):
             f"{where} has no config.json; pass --model-config <folder or config.json> "
             "(the repository ships examples/models/qwen2.5-32b and examples/models/qwen2.5-7b)"
         )
-    return AutoConfig.from_pretrained(str(file))
+    try:
+        return AutoConfig.from_pretrained(str(file))
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{file}: not a Hugging Face model config ({error})") from None
 
 
 def _plan(args: argparse.Namespace, config: DapoConfig) -> int:

@@ -508,6 +508,8 @@ def check_layout(
 def plan_memory(config: DapoConfig, hf_config: PretrainedConfig, cluster: Cluster, options: PlanOptions = PlanOptions()) -> Plan:
     """Every number of the report; raises ``ConfigError`` when the layout does not divide."""
     dims = ModelDims.from_hf_config(hf_config)
+    if options.reserve_gib < 0:
+        raise ConfigError(f"--reserve-gib={options.reserve_gib} must be >= 0")
     par, model = config.parallel, config.model
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     vpp = par.virtual_pipeline_model_parallel_size if (par.virtual_pipeline_model_parallel_size or 1) > 1 else None
