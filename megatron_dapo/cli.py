@@ -13,9 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megatron_dapo.config import DapoConfig, describe_options, load_config
 from megatron_dapo.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _plan_hf_config(config: DapoConfig, model_config: str | None):
+def _plan_hf_config(config: DapoConfig, model_config: str | None) -> "PretrainedConfig":
     """The model's HF config for ``plan``: ``--model-config``, else ``model.hf_path``'s, else the toy model's."""
     from transformers import AutoConfig
 

@@ -10,7 +10,7 @@ where it comes from, and what was measured against the real model.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from transformers import PretrainedConfig
@@ -75,6 +75,8 @@ class ModelDims:
 
 @dataclass(frozen=True)
 class Cluster:
+    """The machines the job would run on: ``nodes × gpus_per_node`` ranks, one per GPU."""
+
     nodes: int
     gpus_per_node: int
     gpu_memory_gib: float
@@ -415,6 +417,8 @@ class Stage:
 
 @dataclass
 class Plan:
+    """Every number of the report, per GPU, in bytes; the phase peaks are derived."""
+
     config: DapoConfig
     dims: ModelDims
     cluster: Cluster
@@ -431,7 +435,6 @@ class Plan:
     sequences_per_engine: int = 0
     actor_during_rollout: int = 0
     sync_buckets: int = 0
-    notes: list[str] = field(default_factory=list)
 
     @property
     def rollout_seq(self) -> int:
