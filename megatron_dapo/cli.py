@@ -1,7 +1,9 @@
 """``megatron-dapo`` / ``python -m megatron_dapo``.
 
 - ``train --config FILE [key.sub=value ...]``: run DAPO (also under ``torchrun``);
-- ``config [--config FILE] [key.sub=value ...]``: every option with its value and one line of documentation.
+- ``config [--config FILE] [key.sub=value ...]``: every option with its value and one line of documentation;
+- ``plan --config FILE --nodes N --gpus-per-node G --gpu-memory-gib M [key.sub=value ...]``: per-GPU memory of
+  training and rollout (pure arithmetic: no process group, no model; ``megatron_dapo/planner.py``).
 
 Errors the user can fix (``UserError``) end the command with one line on stderr and exit code 2, on every rank.
 """
@@ -10,9 +12,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from megatron_dapo.config import describe_options, load_config
-from megatron_dapo.errors import UserError
+from megatron_dapo.config import DapoConfig, describe_options, load_config
+from megatron_dapo.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,14 +32,82 @@ def _parser() -> argparse.ArgumentParser:
         epilog="config keys (section.key = default  # meaning):\n  " + "\n  ".join(describe_options()),
     )
     config = commands.add_parser("config", help="list every config key with its value and documentation")
-    for command in (train, config):
+    plan = commands.add_parser(
+        "plan",
+        help="per-GPU memory of training and rollout on a cluster; exit code 2 naming the knob if it does not fit",
+        description="Will it fit? Pure arithmetic over the configs (docs/planner.md); nothing is allocated.",
+    )
+    plan.add_argument("--nodes", type=int, required=True, help="nodes of the job")
+    plan.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (ranks) per node")
+    plan.add_argument("--gpu-memory-gib", type=float, required=True, help="memory of one GPU in GiB (H800/H100: 80)")
+    plan.add_argument(
+        "--model-config",
+        help="the model's HF config.json or its folder (default: model.hf_path's; the toy model's when null), "
+        "e.g. examples/models/qwen2.5-32b",
+    )
+    plan.add_argument(
+        "--max-prompt-length", type=int, default=2048,
+        help="longest prompt in tokens (DAPO: 2048); the planned sequence is this + rollout.max_response_length",
+    )
+    plan.add_argument(
+        "--layer-spec", choices=["auto", "te", "local"], default="auto",
+        help="the actor's layer spec on the target hosts: te (Transformer Engine, GPU) or local; "
+        "auto: te when rollout.engine=sglang",
+    )
+    plan.add_argument("--reserve-gib", type=float, default=3.0, help="per GPU for CUDA context, NCCL, fragmentation")
+    for command in (train, config, plan):
         command.add_argument("--config", help="YAML config (see examples/configs/)")
         command.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     return parser
 
 
+def _plan_hf_config(config: DapoConfig, model_config: str | None) -> "PretrainedConfig":
+    """The model's HF config for ``plan``: ``--model-config``, else ``model.hf_path``'s, else the toy model's."""
+    from transformers import AutoConfig
+
+    if model_config is None and config.model.hf_path is None:
+        from megatron_dapo.toy import build_toy_tokenizer, toy_hf_config
+
+        return toy_hf_config(config.toy_model, build_toy_tokenizer())
+    path = Path(model_config or config.model.hf_path)
+    file = path if path.is_file() else path / "config.json"
+    if not file.is_file():
+        where = f"--model-config {path}" if model_config else f"model.hf_path={path}"
+        raise ConfigError(
+            f"{where} has no config.json; pass --model-config <folder or config.json> "
+            "(the repository ships examples/models/qwen2.5-32b and examples/models/qwen2.5-7b)"
+        )
+    try:
+        return AutoConfig.from_pretrained(str(file))
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{file}: not a Hugging Face model config ({error})") from None
+
+
+def _plan(args: argparse.Namespace, config: DapoConfig) -> int:
+    from megatron_dapo.planner import Cluster, PlanOptions, format_report, plan_memory, refusal
+
+    layer_spec = args.layer_spec if args.layer_spec != "auto" else ("te" if config.rollout.engine == "sglang" else "local")
+    plan = plan_memory(
+        config,
+        _plan_hf_config(config, args.model_config),
+        Cluster(args.nodes, args.gpus_per_node, args.gpu_memory_gib),
+        PlanOptions(args.max_prompt_length, layer_spec, args.reserve_gib),
+    )
+    print(format_report(plan), flush=True)
+    error = refusal(plan)
+    if error is not None:
+        raise error
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "plan":  # one process, no torch.distributed, no megatron
+        try:
+            return _plan(args, load_config(args.config, args.overrides))
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     from megatron_dapo.distributed import is_rank_zero
 
     try:

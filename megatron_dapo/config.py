@@ -71,6 +71,9 @@ class ParallelConfig:
     sequence_parallel: bool = option(False, "with TP > 1: norms on sequence shards, activations 1/TP")
     use_distributed_optimizer: bool = option(False, "optimizer state and fp32 master weights sharded over DP")
     micro_batch_size: int = option(8, "samples per micro-batch (sorted by length, cut to the longest)")
+    recompute_granularity: Literal["none", "full", "selective"] = option(
+        "none", "activation recompute: none | full (each layer keeps only its input) | selective (core attention)"
+    )
 
 
 @dataclass

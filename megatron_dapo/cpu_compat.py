@@ -8,7 +8,9 @@ calls to the CPU:
   active inside ``autograd.Function.backward``, so the value itself must already be usable as a device);
 - a ``TorchFunctionMode`` maps ``device="cuda"``/integer devices, ``.cuda()`` and ``.to("cuda")`` to CPU;
 - the CUDA RNG API (and megatron's private ``_get/_set_cuda_rng_state``) is served by the CPU generator;
-- ``Tensor.type()`` names CPU tensors as their CUDA twins, for megatron's ``torch.cuda.FloatTensor`` asserts.
+- ``Tensor.type()`` names CPU tensors as their CUDA twins, for megatron's ``torch.cuda.FloatTensor`` asserts;
+- activation recompute (``tensor_parallel.checkpoint``) re-runs the forward inside ``backward``, where the mode
+  is not active: its backward enters the mode itself (the causal mask is created with ``device="cuda"``).
 
 Nothing here is used when CUDA is available. ``install()`` is idempotent.
 """
@@ -76,5 +78,12 @@ def install() -> None:
     mcore_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     torch.Tensor.type = _cpu_type
+    recompute_backward = mcore_random.CheckpointFunction.backward
+
+    def backward_on_cpu(ctx, *grads):
+        with _CudaToCpuMode():
+            return recompute_backward(ctx, *grads)
+
+    mcore_random.CheckpointFunction.backward = staticmethod(backward_on_cpu)
     _CudaToCpuMode().__enter__()
     _installed = True

@@ -104,6 +104,7 @@ class MegatronActor:
             params_dtype=params_dtype,
             sequence_parallel=par.sequence_parallel,
             vpp_size=par.virtual_pipeline_model_parallel_size,
+            recompute_granularity=par.recompute_granularity,
         )
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=par.use_distributed_optimizer

@@ -65,15 +65,23 @@ def transformer_config_from_hf(
     params_dtype: torch.dtype = torch.float32,
     sequence_parallel: bool = False,
     vpp_size: int | None = None,
+    recompute_granularity: str = "none",
 ) -> TransformerConfig:
     """megatron-core ``TransformerConfig`` equivalent to a Qwen2/Llama HF config, with per-token loss on.
 
     Micro-batches may differ in length (padding-aware micro-batching): with PP their shapes are exchanged;
-    the interleaved schedule needs one shape for all of them.
+    the interleaved schedule needs one shape for all of them. ``recompute_granularity`` (``parallel.*``):
+    ``full`` checkpoints every layer on its own (it keeps only its input), ``selective`` megatron's core
+    attention (the part that grows with the square of the sequence); docs/planner.md has what each saves.
     """
     vpp_size = vpp_size if vpp_size and vpp_size > 1 else None
     validate_hf_config(hf_config, tp_size, pp_size, vpp_size)
     on_gpu = torch.cuda.is_available()
+    recompute = {
+        "none": {},
+        "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+        "selective": {"recompute_granularity": "selective"},
+    }[recompute_granularity]
     return TransformerConfig(
         num_layers=hf_config.num_hidden_layers,
         hidden_size=hf_config.hidden_size,
@@ -109,6 +117,7 @@ def transformer_config_from_hf(
         # gloo: batched isend/irecv pairs up wrongly in the interleaved steady state (wrong activations,
         # measured); single ops are ordered. NCCL keeps megatron's default.
         batch_p2p_comm=on_gpu,
+        **recompute,
     )
 
 
