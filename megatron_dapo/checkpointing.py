@@ -114,3 +114,10 @@ def load_checkpoint(
     if scheduler is not None:
         scheduler.load_state_dict(loaded["scheduler"])
     return loaded.get("trainer")
+
+
+def remove_old_checkpoints(save_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the ``keep_last`` newest ``iter_*`` folders (the tracker's is always among them)."""
+    folders = sorted(Path(save_dir).glob("iter_*"), key=lambda folder: int(folder.name.removeprefix("iter_")))
+    for folder in folders[: max(len(folders) - keep_last, 0)]:
+        shutil.rmtree(folder, ignore_errors=True)

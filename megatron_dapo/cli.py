@@ -6,6 +6,7 @@
   training and rollout (pure arithmetic: no process group, no model; ``megatron_dapo/planner.py``).
 
 Errors the user can fix (``UserError``) end the command with one line on stderr and exit code 2, on every rank.
+A stop for a requeue (SIGTERM/SIGUSR1, ``megatron_dapo/preemption.py``) exits with code 75 after a checkpoint.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from typing import TYPE_CHECKING
 
 from megatron_dapo.config import DapoConfig, describe_options, load_config
 from megatron_dapo.errors import ConfigError, UserError
+from megatron_dapo.preemption import REQUEUE_EXIT_CODE, Preempted, write_requeue_marker
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
+
+SHIPPED_MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "models"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,16 +65,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _plan_hf_config(config: DapoConfig, model_config: str | None) -> "PretrainedConfig":
-    """The model's HF config for ``plan``: ``--model-config``, else ``model.hf_path``'s, else the toy model's."""
+def _plan_hf_config(config: DapoConfig, model_config: str | None) -> tuple["PretrainedConfig", str]:
+    """The model's HF config for ``plan`` and where it came from: ``--model-config``, else ``model.hf_path``'s
+    (``examples/models/<its folder name>`` when that folder is not on this machine), else the toy model's."""
     from transformers import AutoConfig
 
     if model_config is None and config.model.hf_path is None:
         from megatron_dapo.toy import build_toy_tokenizer, toy_hf_config
 
-        return toy_hf_config(config.toy_model, build_toy_tokenizer())
+        return toy_hf_config(config.toy_model, build_toy_tokenizer()), "the toy model (model.hf_path: null)"
     path = Path(model_config or config.model.hf_path)
     file = path if path.is_file() else path / "config.json"
+    shipped = SHIPPED_MODEL_CONFIGS / path.name.lower() / "config.json"
+    if not file.is_file() and model_config is None and shipped.is_file():
+        file = shipped  # the weights live on the cluster; the public config.json ships with the repository
     if not file.is_file():
         where = f"--model-config {path}" if model_config else f"model.hf_path={path}"
         raise ConfigError(
@@ -78,7 +86,7 @@ def _plan_hf_config(config: DapoConfig, model_config: str | None) -> "Pretrained
             "(the repository ships examples/models/qwen2.5-32b and examples/models/qwen2.5-7b)"
         )
     try:
-        return AutoConfig.from_pretrained(str(file))
+        return AutoConfig.from_pretrained(str(file)), str(file)
     except (OSError, ValueError) as error:
         raise ConfigError(f"{file}: not a Hugging Face model config ({error})") from None
 
@@ -87,12 +95,14 @@ def _plan(args: argparse.Namespace, config: DapoConfig) -> int:
     from megatron_dapo.planner import Cluster, PlanOptions, format_report, plan_memory, refusal
 
     layer_spec = args.layer_spec if args.layer_spec != "auto" else ("te" if config.rollout.engine == "sglang" else "local")
+    hf_config, source = _plan_hf_config(config, args.model_config)
     plan = plan_memory(
         config,
-        _plan_hf_config(config, args.model_config),
+        hf_config,
         Cluster(args.nodes, args.gpus_per_node, args.gpu_memory_gib),
         PlanOptions(args.max_prompt_length, layer_spec, args.reserve_gib),
     )
+    print(f"model config: {source}", flush=True)
     print(format_report(plan), flush=True)
     error = refusal(plan)
     if error is not None:
@@ -127,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         if is_rank_zero():
             print(f"error: {error}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        if is_rank_zero():
+            write_requeue_marker(str(stop))
+            print(f"preempted: {stop}", flush=True)
+        return REQUEUE_EXIT_CODE
     if is_rank_zero() and before is not None:
         print(f"eval accuracy: before={before:.3f} after={after:.3f}", flush=True)
     return 0

@@ -160,6 +160,7 @@ class TrainerConfig:
     export_hf_interval: int = option(0, "also export output_dir/hf/iter_<step> every this many steps (0: never)")
     save_interval: int = option(0, "Megatron checkpoint every this many steps and at the end (0: never)")
     save_dir: str | None = option(None, "checkpoint folder; default output_dir/checkpoints")
+    keep_last: int = option(0, "keep only this many latest checkpoints (0: keep all)")
     resume: bool = option(True, "continue from save_dir's latest checkpoint when there is one")
 
 
@@ -257,7 +258,8 @@ _AT_LEAST_ONE = (
     "rollout.ranks_per_engine",
 )
 _NON_NEGATIVE = (
-    "trainer.max_steps", "trainer.save_interval", "trainer.export_hf_interval", "optimizer.lr", "optimizer.min_lr",
+    "trainer.max_steps", "trainer.save_interval", "trainer.export_hf_interval", "trainer.keep_last", "optimizer.lr",
+    "optimizer.min_lr",
     "optimizer.lr_warmup_steps", "optimizer.weight_decay", "algorithm.kl_coef", "algorithm.overlong_penalty_factor",
     "rollout.weight_sync_bucket_mb", "rollout.groups_in_flight", "reward.num_workers", "toy_model.sft_steps",
     "data.toy_num_val",

@@ -10,16 +10,24 @@ from typing import Iterator
 
 
 class MetricsLogger:
-    """Appends one JSON line per step and mirrors scalars to TensorBoard."""
+    """Appends one JSON line per step and mirrors scalars to TensorBoard.
 
-    def __init__(self, output_dir: str | Path, tensorboard: bool = True) -> None:
+    A run resumed after ``resumed_after`` steps drops what the earlier run logged for later steps (steps after
+    its last checkpoint, which the resumed run repeats): ``metrics.jsonl`` and TensorBoard hold each step once.
+    """
+
+    def __init__(self, output_dir: str | Path, tensorboard: bool = True, resumed_after: int = 0) -> None:
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resumed_after]
+            self.path.write_text("".join(line + "\n" for line in kept))
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+            # purge_step: TensorBoard discards this run directory's events at and after the step
+            self.writer = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=resumed_after + 1)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         with self.path.open("a") as f:

@@ -21,6 +21,7 @@ from transformers import AutoTokenizer
 from megatron_dapo.actor.actor import MegatronActor
 from megatron_dapo.algorithm import truncated_is_weights
 from megatron_dapo.batch import build_training_batch, data_parallel_rows, split_batch, to_device
+from megatron_dapo.checkpointing import remove_old_checkpoints
 from megatron_dapo.weights.checkpoint_reader import latest_checkpoint
 from megatron_dapo.config import DapoConfig
 from megatron_dapo.data import PromptSampler, load_prompt_files
@@ -35,6 +36,7 @@ from megatron_dapo.distributed import (
 from megatron_dapo.evaluation import avg_at_k
 from megatron_dapo.inputs import check_model_fits_layout, prepare_inputs
 from megatron_dapo.metrics import MetricsLogger, timed
+from megatron_dapo.preemption import Preempted, StopRequests
 from megatron_dapo.reward import RewardScorer
 from megatron_dapo.rollout.collect import JobRollout
 from megatron_dapo.rollout.factory import EnginePlacement, build_rollout_engine, engine_class
@@ -128,15 +130,24 @@ class Job:
         self.sync_weights()
         return first_step
 
-    def save_at(self, step: int) -> None:
-        """Checkpoint and HF export at the configured steps (collective)."""
+    def save(self, step: int) -> None:
+        """A checkpoint of everything a resumed run needs after ``step`` (collective); the oldest beyond
+        ``trainer.keep_last`` go once it is complete."""
+        engine_state = self.engine.state_dict() if self.engine is not None else {}
+        state = run_on_rank_zero(lambda: {"step": step, "sampler": self.sampler.state_dict(), "engine": engine_state})
+        self.actor.save_checkpoint(self.save_dir, step, state, self.tokenizer)
+        if is_rank_zero() and self.config.trainer.keep_last > 0:
+            remove_old_checkpoints(self.save_dir, self.config.trainer.keep_last)
+
+    def save_at(self, step: int) -> bool:
+        """Checkpoint and HF export at the configured steps (collective); whether a checkpoint was written."""
         trainer = self.config.trainer
-        if trainer.save_interval > 0 and (step % trainer.save_interval == 0 or step == trainer.max_steps):
-            engine_state = self.engine.state_dict() if self.engine is not None else {}
-            state = run_on_rank_zero(lambda: {"step": step, "sampler": self.sampler.state_dict(), "engine": engine_state})
-            self.actor.save_checkpoint(self.save_dir, step, state, self.tokenizer)
+        saved = trainer.save_interval > 0 and (step % trainer.save_interval == 0 or step == trainer.max_steps)
+        if saved:
+            self.save(step)
         if trainer.export_hf_interval > 0 and step % trainer.export_hf_interval == 0:
             self.export_hf(Path(trainer.output_dir) / "hf" / f"iter_{step:07d}")
+        return saved
 
 
 def _mean_metrics(updates: list[dict[str, float]]) -> dict[str, float]:
@@ -215,9 +226,10 @@ def train(config: DapoConfig) -> tuple[float | None, float | None]:
         par.virtual_pipeline_model_parallel_size,
     )
     torch.manual_seed(config.trainer.seed)
+    stop_requests = StopRequests()
     job = Job(config)
-    logger = MetricsLogger(config.trainer.output_dir, config.logging.tensorboard) if is_rank_zero() else None
     first_step = job.restore()
+    logger = MetricsLogger(config.trainer.output_dir, config.logging.tensorboard, first_step - 1) if is_rank_zero() else None
     accuracy_before = job.evaluate(first_step - 1)
     steps = range(first_step, config.trainer.max_steps + 1)
     progress = tqdm(steps, desc="DAPO", disable=not (is_rank_zero() and config.logging.progress_bar))
@@ -226,7 +238,15 @@ def train(config: DapoConfig) -> tuple[float | None, float | None]:
         if logger is not None:
             logger.log(step, metrics)
             progress.set_postfix(acc=f"{metrics['acc/mean']:.3f}", loss=f"{metrics['actor/pg_loss']:.4f}")
-        job.save_at(step)
+        saved = job.save_at(step)
+        stop_reason = stop_requests.agreed(job.actor.device)
+        if stop_reason is not None and step < config.trainer.max_steps:
+            if not saved:
+                job.save(step)
+            if logger is not None:
+                logger.close()
+            destroy_distributed()
+            raise Preempted(step, stop_reason)
     accuracy_after = job.evaluate(config.trainer.max_steps)
     if config.trainer.export_hf:
         job.export_hf(Path(config.trainer.output_dir) / "hf_final")

@@ -6,7 +6,7 @@ export PIP_CONSTRAINT="$ROOT/scripts/constraints-cpu.txt"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 if [[ ! -x "$ROOT/.venv/bin/megatron-dapo" ]] || [[ "$ROOT/setup.py" -nt "$ROOT/.venv/.installed" ]]; then
   python3 -m venv "$ROOT/.venv"
-  "$ROOT/.venv/bin/pip" install -q -e "$ROOT[dev]"
+  "$ROOT/.venv/bin/pip" install -q -e "$ROOT[dev,launch]"
   touch "$ROOT/.venv/.installed"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"

@@ -80,6 +80,9 @@ def _sft_batch(
     return input_ids, label_ids
 
 
+WARM_START_THREADS = 2
+
+
 def build_toy_checkpoint(
     cfg: ToyModelConfig, records: list[PromptRecord], out_dir: str | Path, seed: int, progress_bar: bool = False
 ) -> Path:
@@ -90,7 +93,9 @@ def build_toy_checkpoint(
     than it reliably says — the situation DAPO's sharpening of correct answers improves.
     """
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same weights under every launcher: results of 2000 steps depend on reduction order
+    # the same weights under every launcher (torchrun gives each process one thread): 2000 steps' results depend on
+    # the reduction order, which the thread count decides; two threads is the speed of a 2-core laptop
+    torch.set_num_threads(WARM_START_THREADS)
     try:
         return _warm_start(cfg, records, Path(out_dir), seed, progress_bar)
     finally:

@@ -1,12 +1,16 @@
 """docs/pitfalls.md, 6: a run killed after step 1 and resumed equals the uninterrupted run (model, Adam state, LR
-schedule, data cursor with the prompts a streamed step gave back, engine weights all restored); a
-half-written checkpoint is never the latest."""
+schedule, data cursor with the prompts a streamed step gave back, engine weights all restored); a checkpoint
+whose writing was killed is never the latest."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
-from ..helpers import run_cli
+from ..helpers import ROOT, TOY_CONFIG, run_cli
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end: minutes on 2 cores
 
@@ -21,16 +25,23 @@ def _rows(out):
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    """The first run is killed (SIGKILL) while it writes checkpoint 2, after logging step 2: the resumed run
+    starts from checkpoint 1, logs steps 2 and 3 once, and equals the uninterrupted run."""
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert run_cli(f"trainer.output_dir={whole}", "trainer.max_steps=3", *SMALL).returncode == 0
-    assert run_cli(f"trainer.output_dir={split}", "trainer.max_steps=1", *SMALL).returncode == 0
-    # a job killed while writing checkpoint 2 leaves a partial folder that must not be picked up
-    (split / "checkpoints" / "iter_0000002").mkdir()
-    (split / "checkpoints" / "iter_0000002" / "__0_0.distcp").write_bytes(b"partial")
+    killed = subprocess.run(
+        [sys.executable, "-m", "tests.functional.workers.kill_during_checkpoint", "train", "--config", str(TOY_CONFIG),
+         f"trainer.output_dir={split}", "trainer.max_steps=3", "logging.progress_bar=false", *SMALL],
+        cwd=ROOT, env=dict(os.environ, KILL_DURING_CHECKPOINT="2"), capture_output=True, text=True, timeout=900,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (split / "checkpoints" / "iter_0000002").is_dir()  # written, never named by the tracker
+    assert (split / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "1"
+    assert [r["step"] for r in _rows(split)] == [1, 2]
     result = run_cli(f"trainer.output_dir={split}", "trainer.max_steps=3", *SMALL)
     assert result.returncode == 0, result.stderr[-3000:]
     expected, resumed = _rows(whole), _rows(split)
-    assert [r["step"] for r in resumed] == [1, 2, 3]
+    assert [r["step"] for r in resumed] == [1, 2, 3]  # step 2 logged once: the killed run's line is dropped
     # step 1's stream generated groups past the training batch: their prompts went back to the sampler, whose
     # checkpointed state carries them into step 2
     assert expected[0]["sampling/generated_groups"] > expected[0]["sampling/num_gen_batches"] * 24
@@ -50,3 +61,22 @@ def test_distributed_optimizer_resume_on_the_torch_adam_fallback_is_refused_with
     assert result.returncode == 2
     assert "parallel.use_distributed_optimizer=true" in result.stderr and "trainer.resume=false" in result.stderr
     assert (out / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "1"
+
+
+def test_a_stop_request_checkpoints_exits_for_a_requeue_and_the_next_run_resumes(tmp_path):
+    """The launcher's stop file (what slurm/launch.sh writes on the time-limit warning) present from the start:
+    the run stops after step 1 with a checkpoint (save_interval 0: written for the stop), exit code 75 and the
+    marker; the next run resumes at step 2."""
+    out, stop, marker = tmp_path / "run", tmp_path / "stop", tmp_path / "marker"
+    stop.touch()
+    env = dict(os.environ, MEGATRON_DAPO_STOP_FILE=str(stop), MEGATRON_DAPO_REQUEUE_MARKER=str(marker))
+    args = [f"trainer.output_dir={out}", "trainer.max_steps=3", *SMALL, "trainer.save_interval=0"]
+    stopped = run_cli(*args, env=env)
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    assert "preempted: stopped after step 1 (stop file)" in stopped.stdout
+    assert marker.read_text().startswith("stopped after step 1")
+    assert (out / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "1"
+    stop.unlink()
+    resumed = run_cli(*args, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3]

@@ -1,0 +1,123 @@
+"""The launchers, run for real on a one-node Slurm on this machine (munge, slurmctld and slurmd from Debian's
+packages, scripts/local_slurm.sh): the CPU form of ``sbatch slurm/dapo_32b.sbatch``, a job stopped by the
+time-limit signal that requeues itself and resumes to the uninterrupted run's metrics, and NeMo-Run's Slurm
+executor. When the cluster cannot be brought up (not root, no packages and no package index), the tests say why
+they skip."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ..helpers import ROOT
+
+pytestmark = pytest.mark.slow
+
+TOY = ["toy_model.sft_steps=300", "data.toy_num_val=8", "rollout.val_n=2", "algorithm.max_num_gen_batches=0",
+       "trainer.export_hf=false", "logging.progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A one-node Slurm cluster for this module; the environment its client commands need."""
+    if os.geteuid() != 0:
+        pytest.skip("a local Slurm needs root (munged and slurmd run as root here)")
+    if shutil.which("slurmctld") is None:
+        if shutil.which("apt-get") is None:
+            pytest.skip("no Slurm installed and no apt-get to install it")
+        installed = subprocess.run(["bash", "scripts/local_slurm.sh", "install"], cwd=ROOT, capture_output=True, text=True)
+        if installed.returncode:
+            pytest.skip(f"could not install Slurm from the package index: {installed.stderr.strip()[-300:]}")
+    root = tmp_path_factory.mktemp("slurm")
+    up = subprocess.run(["bash", "scripts/local_slurm.sh", "up", str(root)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if up.returncode:
+        pytest.skip(f"the local Slurm did not come up: {(up.stdout + up.stderr).strip()[-500:]}")
+    env = dict(os.environ, SLURM_CONF=str(root / "etc" / "slurm.conf"), LOG_DIR=str(root / "logs"))
+    yield env
+    subprocess.run(["bash", "scripts/local_slurm.sh", "down", str(root)], cwd=ROOT, capture_output=True, timeout=120)
+
+
+def _job_fields(job_id: str, env: dict) -> dict[str, str]:
+    shown = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, env=env).stdout
+    return dict(item.split("=", 1) for item in shown.split() if "=" in item)
+
+
+def _wait_until_done(job_id: str, env: dict, timeout: float = 1500) -> dict[str, str]:
+    """Slurm without accounting: poll squeue until the job leaves the queue, then read scontrol's record."""
+    deadline = time.monotonic() + timeout
+    while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True, env=env).stdout.strip():
+        assert time.monotonic() < deadline, f"job {job_id} still queued after {timeout} s"
+        time.sleep(2)
+    return _job_fields(job_id, env)
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _sbatch(env: dict, tmp: Path, *args: str, wait: bool = True, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    command = ["sbatch", *(["--wait"] if wait else ["--parsable"]), "--nodes=1", "--gpus-per-node=0",
+               f"--output={tmp}/slurm-%j.out", "slurm/dapo_32b.sbatch", *args]
+    job_env = dict(env, CONFIG="examples/configs/toy_cpu.yaml", NPROC_PER_NODE="2", **(extra_env or {}))
+    return subprocess.run(command, cwd=ROOT, env=job_env, capture_output=True, text=True, timeout=1800)
+
+
+def test_the_32b_template_runs_the_toy_on_a_cpu_slurm(slurm, tmp_path):
+    """The README's command, as written (plus the log and output locations of a test)."""
+    out = tmp_path / "run"
+    result = _sbatch(slurm, tmp_path, "trainer.max_steps=3", f"trainer.output_dir={out}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    job_id = result.stdout.strip().split()[-1]
+    assert [row["step"] for row in _rows(out)] == [1, 2, 3]
+    log = (Path(slurm["LOG_DIR"]) / job_id / "restart-0.log").read_text()
+    assert "eval accuracy: before=" in log and "rendezvous" in log
+
+
+def test_a_signalled_job_requeues_and_resumes_to_the_uninterrupted_metrics(slurm, tmp_path):
+    args = ["trainer.max_steps=5", "trainer.save_interval=1", "trainer.keep_last=2", *TOY]
+    whole = tmp_path / "whole"
+    assert _sbatch(slurm, tmp_path, *args, f"trainer.output_dir={whole}").returncode == 0
+    split = tmp_path / "split"
+    submitted = _sbatch(slurm, tmp_path, *args, f"trainer.output_dir={split}", wait=False)
+    job_id = submitted.stdout.strip().split(";")[0]
+    log = Path(slurm["LOG_DIR"]) / job_id / "restart-0.log"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and f"job {job_id} run 0:" in log.read_text()):  # the job's shell is running
+        assert time.monotonic() < deadline and _job_fields(job_id, slurm).get("JobState") in ("PENDING", "RUNNING"), \
+            _job_fields(job_id, slurm)
+        time.sleep(0.5)
+    # what Slurm sends before the time limit (--signal=B:USR1@600), here at once: it lands while the run starts
+    # up (the warm start takes seconds), so the run stops at its first step boundary, not by a race with the steps
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm, check=True)
+    fields = _wait_until_done(job_id, slurm)
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", fields
+    logs = Path(slurm["LOG_DIR"]) / job_id
+    assert "preempted: stopped after step 1 (stop file)" in (logs / "restart-0.log").read_text()
+    assert (logs / "requeue-after-restart-0").exists() and "eval accuracy" in (logs / "restart-1.log").read_text()
+    expected, resumed = _rows(whole), _rows(split)
+    assert [row["step"] for row in resumed] == [1, 2, 3, 4, 5]  # each step once, none lost, none repeated
+    for got, want in zip(resumed, expected):
+        for key in ("acc/mean", "actor/pg_loss", "actor/grad_norm", "actor/lr", "entropy/mean"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), (got["step"], key)
+    assert sorted(p.name for p in (split / "checkpoints").glob("iter_*")) == ["iter_0000004", "iter_0000005"]  # keep_last
+
+
+def test_nemo_run_submits_the_toy_to_slurm(slurm, tmp_path):
+    pytest.importorskip("nemo_run")
+    out = tmp_path / "run"
+    env = dict(slurm, NEMORUN_HOME=str(tmp_path / "nemo-home"))
+    command = [sys.executable, "examples/nemo_run/launch_dapo.py", "--executor", "slurm", "--nodes", "1",
+               "--gpus-per-node", "0", "--nproc-per-node", "2", "--account", "local", "--partition", "debug", "--time", "00:30:00",
+               "--retries", "0", "--wait", "--config", "examples/configs/toy_cpu.yaml", "trainer.max_steps=2",
+               f"trainer.output_dir={out}", *TOY]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "COMPLETED exit 0:0" in result.stdout
+    assert [row["step"] for row in _rows(out)] == [1, 2]
