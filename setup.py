@@ -28,13 +28,15 @@ setup(
         "tqdm==4.70.1",
         "psutil==7.2.2",  # used by megatron-core's dist-checkpoint saving, not declared by it
         "numpy>=1.26",
+        "matplotlib==3.11.2",  # report.png (Agg, no display needed)
     ],
     extras_require={
         # GPU hosts only; never installed on CPU hosts (a half-installed TE breaks `import megatron.core`).
         # TE 2.11.0: the newest release in megatron-core 0.16.1's tested range (>=2.9,<2.12, its `dev` extra).
         "gpu": ["transformer-engine[pytorch]==2.11.0", "sglang==0.5.23"],
         "launch": ["nemo-run==0.11.1", "leptonai==0.27.3"],
-        "dev": ["pytest==9.2.0"],
+        "wandb": ["wandb==0.31.0"],  # logging.wandb
+        "dev": ["pytest==9.2.0", "wandb==0.31.0"],
     },
     entry_points={"console_scripts": ["megatron-dapo=megatron_dapo.cli:main"]},
 )

@@ -4,6 +4,8 @@
 - ``config [--config FILE] [key.sub=value ...]``: every option with its value and one line of documentation;
 - ``plan --config FILE --nodes N --gpus-per-node G --gpu-memory-gib M [key.sub=value ...]``: per-GPU memory of
   training and rollout (pure arithmetic: no process group, no model; ``megatron_dapo/planner.py``).
+- ``report OUTPUT_DIR [--out FILE]``: a run's curves from its ``metrics.jsonl`` as ``OUTPUT_DIR/report.png``
+  (finished or still running; ``megatron_dapo/report.py``).
 
 Errors the user can fix (``UserError``) end the command with one line on stderr and exit code 2, on every rank.
 A stop for a requeue (SIGTERM/SIGUSR1, ``megatron_dapo/preemption.py``) exits with code 75 after a checkpoint.
@@ -59,6 +61,14 @@ def _parser() -> argparse.ArgumentParser:
         "auto: te when rollout.engine=sglang",
     )
     plan.add_argument("--reserve-gib", type=float, default=3.0, help="per GPU for CUDA context, NCCL, fragmentation")
+    report = commands.add_parser(
+        "report",
+        help="draw a run's metrics.jsonl (finished or still running) as output_dir/report.png",
+        description="Accuracy, reward, entropy, response length, clipping, dynamic sampling, evaluation and timing "
+        "per step, from OUTPUT_DIR/metrics.jsonl alone.",
+    )
+    report.add_argument("output_dir", help="the run's trainer.output_dir")
+    report.add_argument("--out", help="where to write the PNG (default: OUTPUT_DIR/report.png)")
     for command in (train, config, plan):
         command.add_argument("--config", help="YAML config (see examples/configs/)")
         command.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
@@ -110,11 +120,18 @@ def _plan(args: argparse.Namespace, config: DapoConfig) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from megatron_dapo.report import write_report
+
+    print(f"report: {write_report(args.output_dir, args.out)}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "plan":  # one process, no torch.distributed, no megatron
+    if args.command in ("plan", "report"):  # one process, no torch.distributed, no megatron
         try:
-            return _plan(args, load_config(args.config, args.overrides))
+            return _report(args) if args.command == "report" else _plan(args, load_config(args.config, args.overrides))
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

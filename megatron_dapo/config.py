@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -168,6 +169,13 @@ class TrainerConfig:
 class LoggingConfig:
     tensorboard: bool = option(True, "mirror metrics to output_dir/tensorboard")
     progress_bar: bool = option(True, "progress bars on the console")
+    rollout_dump_interval: int = option(
+        0, "write the step's trained samples (prompt, response, reward, ...) to output_dir/rollouts/step_<n>.jsonl "
+        "every this many steps (0: never)"
+    )
+    wandb: bool = option(False, "also mirror metrics to Weights & Biases (pip install -e '.[wandb]'; WANDB_MODE=offline works)")
+    wandb_project: str = option("megatron-dapo", "W&B project")
+    wandb_run_name: str | None = option(None, "W&B run name; null: the name of trainer.output_dir's folder")
 
 
 @dataclass
@@ -235,6 +243,10 @@ class DapoConfig:
                 f"algorithm.overlong_buffer_len={alg.overlong_buffer_len} must be in "
                 f"(0, rollout.max_response_length={ro.max_response_length}]"
             )
+        if self.logging.wandb and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                "logging.wandb=true needs the wandb package: pip install -e '.[wandb]' (or set logging.wandb=false)"
+            )
 
     def policy_loss(self) -> PolicyLossConfig:
         """The settings of the per-token DAPO loss (``algorithm.*`` plus the rollout's temperature and L_max)."""
@@ -262,7 +274,7 @@ _NON_NEGATIVE = (
     "optimizer.min_lr",
     "optimizer.lr_warmup_steps", "optimizer.weight_decay", "algorithm.kl_coef", "algorithm.overlong_penalty_factor",
     "rollout.weight_sync_bucket_mb", "rollout.groups_in_flight", "reward.num_workers", "toy_model.sft_steps",
-    "data.toy_num_val",
+    "data.toy_num_val", "logging.rollout_dump_interval",
 )
 _POSITIVE = ("rollout.temperature", "rollout.val_temperature", "optimizer.clip_grad", "optimizer.adam_eps")
 _UNIT_INTERVAL = ("rollout.top_p", "rollout.val_top_p", "rollout.sglang_mem_fraction")  # (0, 1]

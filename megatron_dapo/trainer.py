@@ -23,7 +23,7 @@ from megatron_dapo.algorithm import truncated_is_weights
 from megatron_dapo.batch import build_training_batch, data_parallel_rows, split_batch, to_device
 from megatron_dapo.checkpointing import remove_old_checkpoints
 from megatron_dapo.weights.checkpoint_reader import latest_checkpoint
-from megatron_dapo.config import DapoConfig
+from megatron_dapo.config import DapoConfig, config_to_dict
 from megatron_dapo.data import PromptSampler, load_prompt_files
 from megatron_dapo.distributed import (
     destroy_distributed,
@@ -37,8 +37,10 @@ from megatron_dapo.evaluation import avg_at_k
 from megatron_dapo.inputs import check_model_fits_layout, prepare_inputs
 from megatron_dapo.metrics import MetricsLogger, timed
 from megatron_dapo.preemption import Preempted, StopRequests
+from megatron_dapo.report import write_report
 from megatron_dapo.reward import RewardScorer
-from megatron_dapo.rollout.collect import JobRollout
+from megatron_dapo.rollout.collect import JobRollout, StepRollout
+from megatron_dapo.rollout.dump import rollout_dump_rows, write_rollout_dump
 from megatron_dapo.rollout.factory import EnginePlacement, build_rollout_engine, engine_class
 from megatron_dapo.weights.sync import export_hf, sync_weights
 
@@ -104,6 +106,14 @@ class Job:
             actor.model_chunks, actor.layout, actor.hf_config, out_dir, self.tokenizer, self.bucket_bytes,
             actor.params_dtype, self.config.rollout.weight_sync_transport,
         )
+
+    def dump_rollouts(self, step: int, step_rollout: StepRollout) -> None:
+        """Write the step's trained samples to ``output_dir/rollouts/step_<step>.jsonl`` (collective: the engine
+        hosts send their responses' text to rank 0, which writes)."""
+        responses = self.rollout.kept_responses(step_rollout)
+        if is_rank_zero():
+            rows = rollout_dump_rows(step, step_rollout, responses, self.tokenizer)
+            write_rollout_dump(self.config.trainer.output_dir, step, rows)
 
     def evaluate(self, step: int) -> float | None:
         """avg@k on the validation problems after ``step`` steps, spread over the engines, known to every rank."""
@@ -188,6 +198,9 @@ def train_step(job: Job, step: int) -> dict[str, float]:
             job.release_engine()
             actor.onload()
         metrics.update(step_rollout.metrics)
+        dump_interval = job.config.logging.rollout_dump_interval
+        if dump_interval > 0 and step % dump_interval == 0:
+            job.dump_rollouts(step, step_rollout)
         samples = job.rollout.local_training_samples(step_rollout, alg.mini_batch_size, job.dp_size)
         batch = to_device(build_training_batch(samples, job.tokenizer.pad_token_id, alg.overlong_filtering), actor.device)
         rollout_logprobs, mask = batch.pop("rollout_logprobs"), batch["loss_mask"]
@@ -211,6 +224,23 @@ def train_step(job: Job, step: int) -> dict[str, float]:
     return metrics
 
 
+def _metrics_logger(config: DapoConfig, resumed_after: int) -> MetricsLogger:
+    logging = config.logging
+    return MetricsLogger(
+        config.trainer.output_dir, logging.tensorboard, resumed_after,
+        wandb_project=logging.wandb_project if logging.wandb else None, wandb_run_name=logging.wandb_run_name,
+        run_config=config_to_dict(config),
+    )
+
+
+def _close_logging(logger: MetricsLogger | None, output_dir: str) -> None:
+    """Rank 0: close the metric sinks and draw ``output_dir/report.png`` once any step has been logged."""
+    if logger is not None:
+        logger.close()
+        if logger.path.is_file() and logger.path.stat().st_size > 0:
+            write_report(output_dir)
+
+
 def train(config: DapoConfig) -> tuple[float | None, float | None]:
     """Run DAPO as configured; returns held-out accuracy ``(before, after)`` (None without validation data).
 
@@ -229,7 +259,8 @@ def train(config: DapoConfig) -> tuple[float | None, float | None]:
     stop_requests = StopRequests()
     job = Job(config)
     first_step = job.restore()
-    logger = MetricsLogger(config.trainer.output_dir, config.logging.tensorboard, first_step - 1) if is_rank_zero() else None
+    # rank 0 logs; a sink that cannot start (W&B without credentials) stops every rank with its error
+    logger = run_on_rank_zero(lambda: _metrics_logger(config, first_step - 1), share_result=False)
     accuracy_before = job.evaluate(first_step - 1)
     steps = range(first_step, config.trainer.max_steps + 1)
     progress = tqdm(steps, desc="DAPO", disable=not (is_rank_zero() and config.logging.progress_bar))
@@ -243,14 +274,12 @@ def train(config: DapoConfig) -> tuple[float | None, float | None]:
         if stop_reason is not None and step < config.trainer.max_steps:
             if not saved:
                 job.save(step)
-            if logger is not None:
-                logger.close()
+            _close_logging(logger, config.trainer.output_dir)
             destroy_distributed()
             raise Preempted(step, stop_reason)
     accuracy_after = job.evaluate(config.trainer.max_steps)
     if config.trainer.export_hf:
         job.export_hf(Path(config.trainer.output_dir) / "hf_final")
-    if logger is not None:
-        logger.close()
+    _close_logging(logger, config.trainer.output_dir)
     destroy_distributed()
     return accuracy_before, accuracy_after

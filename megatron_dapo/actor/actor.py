@@ -38,7 +38,12 @@ from megatron_dapo.config import ModelConfig, OptimizerConfig, ParallelConfig
 from megatron_dapo.errors import ConfigError
 from megatron_dapo.model_config import ModelLayout
 from megatron_dapo.ops import fused_linear_logprobs_entropy, naive_logprobs_entropy, vocab_parallel_logprobs_entropy
-from megatron_dapo.ops.dapo_loss import METRIC_SUM_KEYS, dapo_loss_terms, fused_linear_dapo_loss_terms
+from megatron_dapo.ops.dapo_loss import (
+    METRIC_SUM_KEYS,
+    dapo_loss_terms,
+    fused_linear_dapo_loss_terms,
+    step_loss_metrics,
+)
 from megatron_dapo.weights.transfer import load_hf_checkpoint, unwrap
 
 Batch = dict[str, torch.Tensor]
@@ -349,14 +354,8 @@ class MegatronActor:
         with self._offloadable_memory():  # Adam state created lazily on the first step lands in the region
             _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
-        tokens = max(total["tokens"], 1.0)
         return {
-            "actor/pg_loss": total["loss_numerator"] / max(total["loss_count"], 1e-8),
+            **step_loss_metrics(total),
             "actor/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "actor/lr": self.optimizer.param_groups[0]["lr"],
-            "actor/ppo_kl": total["ppo_kl"] / tokens,
-            "actor/kl_ref": total["kl"] / tokens,
-            "pg_clipfrac/high": total["clip_high"] / tokens,
-            "pg_clipfrac/low": total["clip_low"] / tokens,
-            "pg_clipfrac/dual": total["clip_dual"] / tokens,
         }

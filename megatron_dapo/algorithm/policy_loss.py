@@ -85,7 +85,10 @@ def clipped_pg_losses(
     Returns:
         ``loss_mat [batch, seq]`` and metrics: ``pg_clipfrac/high`` (A > 0 and r > 1+ε_high),
         ``pg_clipfrac/low`` (A < 0 and r < 1−ε_low), ``pg_clipfrac/dual`` (dual clip active) and ``ppo_kl``
-        (mean of old − new log-prob), all masked token means.
+        (mean of old − new log-prob), all masked token means; and ``prob/up_clipped_mean``, the mean
+        π_θ(token) = exp(logprob) over the tokens clipped at the upper bound (those of ``pg_clipfrac/high``;
+        0 when there are none) — DAPO's Figure 3a: Clip-Higher exists because these are low-probability tokens
+        whose rise the upper clip would stop.
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
@@ -96,8 +99,10 @@ def clipped_pg_losses(
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
     loss_mat = torch.maximum(unclipped, clipped)
+    up_clipped = ((advantages > 0) & (ratio > 1.0 + clip_ratio_high)).to(mask.dtype)
     metrics = {
-        "pg_clipfrac/high": masked_mean(((advantages > 0) & (ratio > 1.0 + clip_ratio_high)).float(), mask),
+        "pg_clipfrac/high": masked_mean(up_clipped, mask),
+        "prob/up_clipped_mean": masked_mean(logprobs.detach().exp(), up_clipped * mask),
         "pg_clipfrac/low": masked_mean(((advantages < 0) & (ratio < 1.0 - clip_ratio_low)).float(), mask),
         "ppo_kl": masked_mean(-log_ratio, mask),
     }

@@ -19,8 +19,10 @@ from megatron_dapo.algorithm import (
 )
 from megatron_dapo.ops.fused_linear_loss import fused_linear_loss
 
-# Per-micro-batch sums, added over micro-batches and DP ranks after a step, then normalised.
-METRIC_SUM_KEYS = ("loss_numerator", "loss_count", "tokens", "clip_high", "clip_low", "clip_dual", "ppo_kl", "kl")
+# Per-micro-batch sums, added over micro-batches and DP ranks after a step, then normalised (``step_loss_metrics``).
+METRIC_SUM_KEYS = (
+    "loss_numerator", "loss_count", "tokens", "clip_high", "clip_low", "clip_dual", "ppo_kl", "kl", "clip_high_prob"
+)
 # Per-token inputs of the loss besides the log-probs.
 LOSS_INPUT_KEYS = ("old_logprobs", "advantages", "loss_mask", "rollout_is_weights", "ref_logprobs")
 
@@ -60,17 +62,35 @@ def dapo_loss_terms(
     numerator, count = aggregate_loss_terms(loss_mat, mask, loss.loss_agg_mode, loss.norm_length)
     tokens = mask.sum()
     zero = torch.zeros((), device=logprobs.device)
+    clip_high = pg_metrics["pg_clipfrac/high"] * tokens
     sums = {
         "loss_numerator": numerator.detach(),
         "loss_count": count,
         "tokens": tokens,
-        "clip_high": pg_metrics["pg_clipfrac/high"] * tokens,
+        "clip_high": clip_high,
+        "clip_high_prob": pg_metrics["prob/up_clipped_mean"] * clip_high,
         "clip_low": pg_metrics["pg_clipfrac/low"] * tokens,
         "clip_dual": pg_metrics.get("pg_clipfrac/dual", zero) * tokens,
         "ppo_kl": pg_metrics["ppo_kl"] * tokens,
         "kl": zero if kl is None else (kl.detach() * mask).sum(),
     }
     return numerator, count, sums
+
+
+def step_loss_metrics(total: dict[str, float]) -> dict[str, float]:
+    """The loss metrics of an optimiser step from its ``METRIC_SUM_KEYS`` sums over micro-batches and DP ranks:
+    token means, except ``actor/pg_loss`` (the loss itself) and ``prob/up_clipped_mean`` (a mean over the
+    up-clipped tokens only; 0 when none was clipped)."""
+    tokens = max(total["tokens"], 1.0)
+    return {
+        "actor/pg_loss": total["loss_numerator"] / max(total["loss_count"], 1e-8),
+        "actor/ppo_kl": total["ppo_kl"] / tokens,
+        "actor/kl_ref": total["kl"] / tokens,
+        "pg_clipfrac/high": total["clip_high"] / tokens,
+        "pg_clipfrac/low": total["clip_low"] / tokens,
+        "pg_clipfrac/dual": total["clip_dual"] / tokens,
+        "prob/up_clipped_mean": total["clip_high_prob"] / max(total["clip_high"], 1.0),
+    }
 
 
 def fused_linear_dapo_loss_terms(

@@ -51,10 +51,15 @@ class DynamicSamplingError(UserError, RuntimeError):
     """Too few groups with reward spread among the groups a step may generate."""
 
 
+def prompt_text(tokenizer: PreTrainedTokenizerBase, record: PromptRecord) -> str:
+    """The prompt as the policy reads it: the record's messages through the tokenizer's chat template (with the
+    generation prompt)."""
+    return tokenizer.apply_chat_template(record.messages, tokenize=False, add_generation_prompt=True)
+
+
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, record: PromptRecord) -> list[int]:
-    """Prompt token ids through the tokenizer's chat template (with the generation prompt)."""
-    text = tokenizer.apply_chat_template(record.messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
+    """Prompt token ids of ``prompt_text``."""
+    return tokenizer.encode(prompt_text(tokenizer, record), add_special_tokens=False)
 
 
 @dataclass
@@ -89,12 +94,13 @@ def training_cutoff(summaries: dict[int, GroupSummary], num_drawn: int, needed: 
 
 @dataclass
 class StepRollout:
-    """A step's rollout as every rank knows it. ``groups``: the groups this rank's engine generated."""
+    """A step's rollout as every rank knows it. ``groups``: the kept groups this rank's engine generated."""
 
     kept: list[int]  # positions of the training groups, in draw order
     summaries: dict[int, GroupSummary]
     groups: dict[int, Group] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    records: dict[int, PromptRecord] = field(default_factory=dict)  # the kept groups' problems, by position
 
 
 class JobRollout:
@@ -219,7 +225,21 @@ class JobRollout:
         kept = [p for p in range(cutoff + 1) if summaries[p].qualifies(alg.dynamic_sampling)]
         metrics = self._metrics(summaries, consumed, kept, rounds, aborted, time.perf_counter() - start)
         metrics["timing/reward"] = max(self._gather(reward_seconds))
-        return StepRollout(kept, summaries, {p: g for p, g in groups.items() if p in kept}, metrics)
+        return StepRollout(kept, summaries, {p: g for p, g in groups.items() if p in kept}, metrics,
+                           {p: records[drawn[p]] for p in kept})
+
+    def kept_responses(self, step_rollout: StepRollout) -> dict[int, list[tuple[str, str]]]:
+        """The kept groups' responses as text (decoded as the reward function read them) with their finish
+        reasons, by position: on global rank 0, ``{}`` elsewhere (collective). Only this text travels, host to
+        rank 0; rewards, accuracies and lengths are in every rank's summaries, problems in its records."""
+        mine = {}
+        if self.is_host:
+            for position, group in step_rollout.groups.items():
+                texts = self.tokenizer.batch_decode([s.token_ids for s in group.samples], skip_special_tokens=True)
+                mine[position] = [(text, sample.finish_reason) for text, sample in zip(texts, group.samples)]
+        gathered = [None] * dist.get_world_size() if self.rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0, group=self.control)
+        return {position: texts for host in gathered or [] for position, texts in host.items()}
 
     def _gather(self, value: object) -> list:
         values = [None] * dist.get_world_size()

@@ -69,6 +69,18 @@ def test_clip_higher_positive_advantage():
     assert metrics["pg_clipfrac/low"].item() == 0.0
 
 
+def test_up_clipped_probability_is_the_mean_pi_of_tokens_clipped_at_the_upper_bound():
+    logprobs, old = _logprobs_with_ratios([1.5, 0.5, 1.0, 1.4, 2.0])
+    logprobs, old = torch.cat([logprobs, logprobs]), torch.cat([old, old])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    _, metrics = policy_loss(logprobs, old, torch.tensor([1.0, -1.0]), mask)
+    # up-clipped: A > 0 and ratio > 1.28 -> ratios 1.5 and 1.4 of row 0 (its 2.0 is masked, row 1 has A < 0);
+    # π = exp(logprob) = ratio · e^-1
+    assert metrics["prob/up_clipped_mean"].item() == pytest.approx((1.5 + 1.4) / 2 * math.exp(-1.0), rel=1e-6)
+    _, metrics = policy_loss(logprobs, old, torch.tensor([-1.0, -1.0]), mask)
+    assert metrics["prob/up_clipped_mean"].item() == 0.0  # no token clipped at the upper bound
+
+
 def test_clip_lower_negative_advantage_and_dual_clip():
     logprobs, old = _logprobs_with_ratios([1.5, 0.5, 1.0, 5.0])
     loss, metrics = policy_loss(logprobs, old, torch.tensor([-1.0]), torch.ones(1, 4), clip_ratio_c=3.0)

@@ -81,6 +81,7 @@ def test_every_option_is_listed_with_its_documentation():
         ("rollout.temperature=0", "rollout.temperature=0.0 must be > 0"),
         ("trainer.max_steps=-1", "trainer.max_steps=-1 must be >= 0"),
         ("parallel.micro_batch_size=0", "parallel.micro_batch_size=0 must be at least 1"),
+        ("logging.rollout_dump_interval=-1", "logging.rollout_dump_interval=-1 must be >= 0"),
     ],
 )
 def test_value_ranges_are_checked_before_any_work(override, message):
@@ -93,3 +94,13 @@ def test_choices_are_checked_when_loading():
         load_config(None, ["model.loss_impl=fast"])
     with pytest.raises(ConfigError, match="config file .*missing.yaml not found"):
         load_config(CONFIGS / "missing.yaml")
+
+
+def test_wandb_without_the_package_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: importlib finds no spec
+    config = load_config(CONFIGS / "toy_cpu.yaml", ["logging.wandb=true"])
+    with pytest.raises(ConfigError, match=re.escape("logging.wandb=true needs the wandb package: pip install -e '.[wandb]'")):
+        config.validate(world_size=1)
+    load_config(CONFIGS / "toy_cpu.yaml").validate(world_size=1)  # off by default: no wandb needed

@@ -96,3 +96,38 @@ def test_fused_linear_dapo_loss_matches_naive(mode, chunk_size):
         assert sums[key].item() == pytest.approx(ref_sums[key].item(), rel=1e-5, abs=1e-6), key
     assert torch.allclose(hidden.grad, 2.0 * ref_hidden.grad, atol=1e-5)
     assert torch.allclose(weight.grad, 2.0 * ref_weight.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["naive", "fused", "fused_linear"])
+def test_up_clipped_probability_of_each_loss_impl(impl):
+    """``prob/up_clipped_mean`` of each ``model.loss_impl`` over two micro-batches, as the actor reduces it, equals
+    Σ π / count over the up-clipped tokens computed with plain ``log_softmax``."""
+    from megatron_dapo.actor.actor import metric_sums
+    from megatron_dapo.ops.dapo_loss import METRIC_SUM_KEYS, dapo_loss_terms, fused_linear_dapo_loss_terms, step_loss_metrics
+
+    loss = PolicyLossConfig(clip_ratio_high=0.1, temperature=0.7)
+    hidden, weight, labels, _ = loss_op_inputs(seed=7)
+    ref_logprob, _ = reference(hidden @ weight.t(), labels, 0.7)
+    batch = dapo_micro_batch(labels, with_ref=False)
+    ratio = torch.tensor([1.5, 0.9]).repeat(labels.shape[1] // 2)  # 1.5 > 1 + 0.1 on even positions only
+    batch["old_logprobs"] = (ref_logprob - ratio.log()).float()
+
+    def up_clipped_mean(advantages: list[float]) -> float:
+        batch["advantages"] = torch.tensor(advantages).unsqueeze(1).expand_as(labels).contiguous()
+        outputs = []
+        for rows in (slice(0, 2), slice(2, 3)):
+            micro = {k: v[rows] for k, v in batch.items()}
+            if impl == "fused_linear":
+                outputs.append(fused_linear_dapo_loss_terms(hidden[rows], weight, micro, loss, VOCAB, None, 4)[2])
+                continue
+            op = naive_logprobs_entropy if impl == "naive" else vocab_parallel_logprobs_entropy
+            logprobs, _ = op(hidden[rows] @ weight.t(), labels[rows], VOCAB, 0.7)
+            outputs.append(dapo_loss_terms(logprobs, micro, loss)[2])
+        total = dict(zip(METRIC_SUM_KEYS, metric_sums(outputs, torch.device("cpu")).tolist()))
+        return step_loss_metrics(total)["prob/up_clipped_mean"]
+
+    up = (batch["loss_mask"] > 0) & (ratio > 1.1) & torch.tensor([[True], [False], [True]])  # rows with A > 0
+    expected = ref_logprob.exp()[up].sum().item() / up.sum().item()
+    assert up.sum() == 1 + 4  # rows 0 and 2: 2 and 8 response tokens, every other one up-clipped
+    assert up_clipped_mean([1.0, -1.0, 0.5]) == pytest.approx(expected, rel=1e-5)
+    assert up_clipped_mean([-1.0, -1.0, -0.5]) == 0.0  # none clipped at the upper bound

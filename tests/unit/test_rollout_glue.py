@@ -20,6 +20,7 @@ from megatron_dapo.data import PromptRecord, PromptSampler
 from megatron_dapo.reward import RewardScorer
 from megatron_dapo.rollout.base import GroupRequest, RolloutEngine
 from megatron_dapo.rollout.collect import DynamicSamplingError, GroupSummary, JobRollout, encode_prompt, training_cutoff
+from megatron_dapo.rollout.dump import rollout_dump_rows
 from megatron_dapo.rollout.factory import EnginePlacement
 from megatron_dapo.samples import Group, RolloutSample
 from megatron_dapo.toy import build_toy_tokenizer
@@ -207,7 +208,9 @@ def _two_engines(rank: int, init_file: str, out: dict) -> None:
     rollout = _rollout(engine, algorithm, world_size=2)
     step = rollout.generate_step(SIX, PromptSampler(len(SIX), 0), step=1)
     samples = rollout.local_training_samples(step, mini_batch_size=4, dp_size=2)
-    out[rank] = (step.kept, sorted(step.groups), [(_text(s.prompt_ids), s.token_ids, s.advantage) for s in samples])
+    responses = rollout.kept_responses(step)
+    dump = rollout_dump_rows(1, step, responses, TOKENIZER) if rank == 0 else responses
+    out[rank] = (step.kept, sorted(step.groups), [(_text(s.prompt_ids), s.token_ids, s.advantage) for s in samples], dump)
     dist.destroy_process_group()
 
 
@@ -216,7 +219,7 @@ def test_two_engines_share_the_step_and_each_replica_gets_its_rows(tmp_path):
     groups it generated, and each data-parallel rank receiving exactly its rows, from whichever engine has them."""
     out = mp.Manager().dict()
     mp.spawn(_two_engines, args=(str(tmp_path / "rendezvous"), out), nprocs=2, join=True)
-    kept, held_0, rows_0 = out[0]
+    kept, held_0, rows_0, dump = out[0]
     assert kept == out[1][0] == [0, 1, 2, 3]
     assert held_0 and out[1][1] and set(held_0) | set(out[1][1]) == {0, 1, 2, 3}  # both engines generated
     order = PromptSampler(len(SIX), seed=0).next_indices(4)
@@ -227,3 +230,18 @@ def test_two_engines_share_the_step_and_each_replica_gets_its_rows(tmp_path):
     for rank, rows in ((0, rows_0), (1, out[1][2])):
         assert [(p, t) for p, t, _ in rows] == [expected[r] for r in data_parallel_rows(8, 4, 2, rank)]
         assert all(abs(a) > 0.5 for _, _, a in rows)  # mixed groups: non-zero advantages
+    # the rollout dump: rank 0 has every kept sample's text, from both engines; rank 1 received nothing
+    assert out[1][3] == {}
+    answers = {record.messages[0]["content"]: record.ground_truth for record in SIX}
+    expected_dump = []
+    for group, (prompt, _) in enumerate(expected[::2]):  # each kept group's first row
+        for sample, answer in enumerate(MIXED[prompt]):
+            correct = answer == f"Answer: {answers[prompt]}"
+            expected_dump.append({
+                "step": 1, "group": group, "sample": sample, "prompt": prompt, "response": answer,
+                "ground_truth": answers[prompt], "data_source": "test", "reward": 1.0 if correct else -1.0,
+                "acc": correct, "length": len(TOKENIZER.encode(answer)) + 1, "finish_reason": "stop",
+            })
+    assert [{k: v for k, v in row.items() if k != "advantage"} for row in dump] == expected_dump
+    trained = {row: sample for rank in (0, 1) for row, sample in zip(data_parallel_rows(8, 4, 2, rank), out[rank][2])}
+    assert [row["advantage"] for row in dump] == pytest.approx([trained[row][2] for row in range(8)])
