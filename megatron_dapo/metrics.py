@@ -12,22 +12,24 @@ from typing import Iterator
 class MetricsLogger:
     """Appends one JSON line per step and mirrors scalars to TensorBoard.
 
-    A run resumed after ``resumed_after`` steps drops what the earlier run logged for later steps (steps after
+    A run resumed after step ``resumed_after`` drops what the earlier run logged for later steps (steps after
     its last checkpoint, which the resumed run repeats): ``metrics.jsonl`` and TensorBoard hold each step once.
+    A fresh run (``None``) drops everything, step 0 (the evaluation before training) included.
     """
 
-    def __init__(self, output_dir: str | Path, tensorboard: bool = True, resumed_after: int = 0) -> None:
+    def __init__(self, output_dir: str | Path, tensorboard: bool = True, resumed_after: int | None = None) -> None:
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept_through = -1 if resumed_after is None else resumed_after
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resumed_after]
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= kept_through]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: TensorBoard discards this run directory's events at and after the step
-            self.writer = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=resumed_after + 1)
+            self.writer = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=kept_through + 1)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         with self.path.open("a") as f:
