@@ -1,6 +1,8 @@
 """``megatron-dapo`` / ``python -m megatron_dapo``.
 
 - ``train --config FILE [key.sub=value ...]``: run DAPO (also under ``torchrun``);
+- ``eval --config FILE --hf-dir DIR [key.sub=value ...]``: the held-out evaluation of a Hugging Face folder, no
+  training (also under ``torchrun``: the validation problems are spread over the engines);
 - ``config [--config FILE] [key.sub=value ...]``: every option with its value and one line of documentation;
 - ``plan --config FILE --nodes N --gpus-per-node G --gpu-memory-gib M [key.sub=value ...]``: per-GPU memory of
   training and rollout (pure arithmetic: no process group, no model; ``megatron_dapo/planner.py``).
@@ -37,6 +39,14 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (section.key = default  # meaning):\n  " + "\n  ".join(describe_options()),
     )
+    evaluate = commands.add_parser(
+        "eval",
+        help="avg@k and pass@k of a Hugging Face folder on the validation problems, as training evaluates",
+        description="The training run's evaluation (rollout.val_n samples per problem at rollout.val_temperature and "
+        "val_top_p, the same seeds) of any HF folder, without training. Last line: eval: avg@<n>=<x> pass@<n>=<y>.",
+    )
+    evaluate.add_argument("--hf-dir", help="the HF folder to evaluate (config.json, weights, tokenizer), e.g. "
+                          "<trainer.output_dir>/hf_final")
     config = commands.add_parser("config", help="list every config key with its value and documentation")
     plan = commands.add_parser(
         "plan",
@@ -69,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument("output_dir", help="the run's trainer.output_dir")
     report.add_argument("--out", help="where to write the PNG (default: OUTPUT_DIR/report.png)")
-    for command in (train, config, plan):
+    for command in (train, evaluate, config, plan):
         command.add_argument("--config", help="YAML config (see examples/configs/)")
         command.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     return parser
@@ -145,10 +155,20 @@ def main(argv: list[str] | None = None) -> int:
         import datasets
         import transformers
 
-        from megatron_dapo.trainer import train
-
         datasets.disable_progress_bars()  # our own progress bar covers the long phases
         transformers.utils.logging.disable_progress_bar()
+        if args.command == "eval":
+            from megatron_dapo.evaluator import evaluate_hf_folder
+
+            summary = evaluate_hf_folder(config, args.hf_dir)
+            if is_rank_zero():
+                for name, value in summary.metrics.items():
+                    print(f"{name} = {value:.4f}")
+                n = summary.num_samples
+                print(f"eval: avg@{n}={summary.avg:.3f} pass@{n}={summary.pass_at_n:.3f}", flush=True)
+            return 0
+        from megatron_dapo.trainer import train
+
         before, after = train(config)
     except UserError as error:
         if is_rank_zero():

@@ -84,6 +84,9 @@ class DataConfig:
     toy_num_train: int = option(2000, "toy training problems")
     toy_num_val: int = option(64, "toy held-out problems")
     toy_seed: int = option(1234, "seed of the toy problems")
+    deduplicate: bool = option(
+        True, "drop repeated rows (same prompt messages and ground truth; the first is kept) of train and val files"
+    )
 
 
 @dataclass
@@ -93,7 +96,7 @@ class RolloutConfig:
     temperature: float = option(1.0, "sampling temperature (applied identically to the actor's log-probs)")
     top_p: float = option(1.0, "nucleus sampling")
     max_response_length: int = option(20480, "L_max: response tokens per sample")
-    val_n: int = option(32, "samples per evaluation problem (avg@k)")
+    val_n: int = option(32, "samples per evaluation problem: avg@k and pass@k for k = 1, 2, 4, … and val_n")
     val_temperature: float = option(1.0, "evaluation temperature")
     val_top_p: float = option(0.7, "evaluation nucleus")
     weight_sync_bucket_mb: int = option(512, "size of the flattened buckets the resharder sends to the engine")
@@ -163,6 +166,9 @@ class TrainerConfig:
     save_dir: str | None = option(None, "checkpoint folder; default output_dir/checkpoints")
     keep_last: int = option(0, "keep only this many latest checkpoints (0: keep all)")
     resume: bool = option(True, "continue from save_dir's latest checkpoint when there is one")
+    eval_interval: int = option(
+        0, "evaluate the validation problems every this many steps, besides before the first and after the last"
+    )
 
 
 @dataclass
@@ -191,10 +197,12 @@ class DapoConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
-    def validate(self, world_size: int = 1, ranks_per_node: int | None = None) -> None:
+    def validate(self, world_size: int = 1, ranks_per_node: int | None = None, training: bool = True) -> None:
         """Check every value and cross-field rule; raise ``ConfigError`` naming the keys and the fix.
 
         ``ranks_per_node``: processes per node (torchrun's ``LOCAL_WORLD_SIZE``; default: all on one node).
+        ``training=False`` (``megatron-dapo eval``): the actor's layout and the batch sizes are not checked, so
+        that a training config evaluates on fewer GPUs than it trains on.
         """
         _validate_ranges(self)
         par, alg, ro = self.parallel, self.algorithm, self.rollout
@@ -204,6 +212,13 @@ class DapoConfig:
                 f"rollout.ranks_per_engine={ro.ranks_per_engine} must divide the world size {world_size} and the "
                 f"{ranks_per_node} ranks of a node (an engine's ranks sit on one node)"
             )
+        if alg.overlong_buffer_enable and not 0 < alg.overlong_buffer_len <= ro.max_response_length:
+            raise ConfigError(
+                f"algorithm.overlong_buffer_len={alg.overlong_buffer_len} must be in "
+                f"(0, rollout.max_response_length={ro.max_response_length}]"
+            )
+        if not training:
+            return
         model_parallel = par.tensor_model_parallel_size * par.pipeline_model_parallel_size
         if world_size % model_parallel:
             raise ConfigError(
@@ -238,11 +253,6 @@ class DapoConfig:
                     f"(algorithm.mini_batch_size / (parallel.micro_batch_size × DP)) must be a multiple of "
                     f"parallel.pipeline_model_parallel_size={par.pipeline_model_parallel_size}"
                 )
-        if alg.overlong_buffer_enable and not 0 < alg.overlong_buffer_len <= ro.max_response_length:
-            raise ConfigError(
-                f"algorithm.overlong_buffer_len={alg.overlong_buffer_len} must be in "
-                f"(0, rollout.max_response_length={ro.max_response_length}]"
-            )
         if self.logging.wandb and importlib.util.find_spec("wandb") is None:
             raise ConfigError(
                 "logging.wandb=true needs the wandb package: pip install -e '.[wandb]' (or set logging.wandb=false)"
@@ -270,8 +280,8 @@ _AT_LEAST_ONE = (
     "rollout.ranks_per_engine",
 )
 _NON_NEGATIVE = (
-    "trainer.max_steps", "trainer.save_interval", "trainer.export_hf_interval", "trainer.keep_last", "optimizer.lr",
-    "optimizer.min_lr",
+    "trainer.max_steps", "trainer.save_interval", "trainer.export_hf_interval", "trainer.keep_last",
+    "trainer.eval_interval", "optimizer.lr", "optimizer.min_lr",
     "optimizer.lr_warmup_steps", "optimizer.weight_decay", "algorithm.kl_coef", "algorithm.overlong_penalty_factor",
     "rollout.weight_sync_bucket_mb", "rollout.groups_in_flight", "reward.num_workers", "toy_model.sft_steps",
     "data.toy_num_val", "logging.rollout_dump_interval",

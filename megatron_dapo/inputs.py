@@ -1,5 +1,5 @@
-"""What a run reads: the Hugging Face model folder and the data files. For the toy default, global rank 0
-writes the toy problems and builds the warm-started toy model under ``trainer.output_dir``."""
+"""What a run reads: the Hugging Face model folder and the prompts of the data files. For the toy default,
+global rank 0 writes the toy problems and builds the warm-started toy model under ``trainer.output_dir``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 from transformers import AutoConfig, PretrainedConfig
 
 from megatron_dapo.config import DapoConfig
-from megatron_dapo.data import load_prompt_files, write_toy_dataset
-from megatron_dapo.distributed import run_on_rank_zero
+from megatron_dapo.data import PromptRecord, find_duplicates, load_prompt_files, write_toy_dataset
+from megatron_dapo.distributed import is_rank_zero, run_on_rank_zero
 from megatron_dapo.errors import ConfigError
 from megatron_dapo.model_config import validate_hf_config
 from megatron_dapo.toy import build_toy_checkpoint, build_toy_tokenizer, toy_hf_config
@@ -36,23 +36,52 @@ def check_model_fits_layout(config: DapoConfig) -> None:
     )
 
 
+def validation_files(config: DapoConfig) -> list[str]:
+    """``data.val_files``; with the toy task (no ``data.train_files``) and none given, the toy held-out problems,
+    written to ``output_dir/data/val.parquet`` (by the calling rank; the same problems for the same
+    ``data.toy_num_val`` and ``data.toy_seed``)."""
+    data = config.data
+    if data.val_files or data.train_files:
+        return list(data.val_files)
+    path = Path(config.trainer.output_dir) / "data" / "val.parquet"
+    return [str(write_toy_dataset(path, data.toy_num_val, data.toy_seed + 1))]
+
+
 def prepare_inputs(config: DapoConfig) -> tuple[str, list[str], list[str]]:
     """The HF model folder and the train/validation files (collective: rank 0 creates the toy ones)."""
     out = Path(config.trainer.output_dir)
     hf_dir = config.model.hf_path or str(out / "toy_init")
 
     def create() -> tuple[list[str], list[str]]:
-        train_files, val_files = list(config.data.train_files), list(config.data.val_files)
+        data = config.data
+        train_files = list(data.train_files)
         if not train_files:
-            data = config.data
             train_files = [str(write_toy_dataset(out / "data" / "train.parquet", data.toy_num_train, data.toy_seed))]
-            if not val_files:
-                val_files = [str(write_toy_dataset(out / "data" / "val.parquet", data.toy_num_val, data.toy_seed + 1))]
         if config.model.hf_path is None:
             build_toy_checkpoint(
                 config.toy_model, load_prompt_files(train_files), hf_dir, config.trainer.seed, config.logging.progress_bar
             )
-        return train_files, val_files
+        return train_files, validation_files(config)
 
     train_files, val_files = run_on_rank_zero(create)
     return hf_dir, train_files, val_files
+
+
+def load_prompts(files: list[str], deduplicate: bool) -> list[PromptRecord]:
+    """The records of ``files``, without repeated rows when ``deduplicate`` (``data.deduplicate``); rank 0 says
+    how many rows were repeated, and warns about prompts with more than one ground truth (all kept)."""
+    records = load_prompt_files(files)
+    found = find_duplicates(records)
+    repeated = len(records) - len(found.unique)
+    if is_rank_zero():
+        where = ", ".join(files)
+        if deduplicate:
+            print(f"data: {where}: kept {len(found.unique)} of {len(records)} rows ({repeated} duplicates dropped; "
+                  "data.deduplicate=false keeps them)", flush=True)
+        else:
+            print(f"data: {where}: {len(records)} rows, {repeated} of them duplicates, kept (data.deduplicate=false)",
+                  flush=True)
+        if found.ambiguous_prompts:
+            print(f"data: warning: {where}: {found.ambiguous_prompts} prompt(s) with more than one ground truth; "
+                  "every row kept, each scored against its own answer", flush=True)
+    return found.unique if deduplicate else records

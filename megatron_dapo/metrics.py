@@ -18,20 +18,20 @@ WANDB_RUN_ID_FILE = "wandb_run_id"
 class MetricsLogger:
     """Appends one JSON line per step and mirrors scalars to TensorBoard and, with ``wandb_project``, to W&B.
 
-    A run resumed after ``resumed_after`` steps drops what the earlier run logged for later steps (steps after
+    A run resumed after step ``resumed_after`` drops what the earlier run logged for later steps (steps after
     its last checkpoint, which the resumed run repeats): ``metrics.jsonl`` and TensorBoard hold each step once.
     W&B's history cannot be rewritten, so a resumed run continues the earlier W&B run (its id is kept in
     ``output_dir/wandb_run_id``; ``resume="allow"``) and sends only the steps after the last one the earlier run
     logged: W&B's steps never go backwards, and for the repeated steps it keeps the earlier run's values (the
-    same numbers, rollouts being deterministic, except ``timing/*``). A run that starts from step 1 starts a new
-    W&B run.
+    same numbers, rollouts being deterministic, except ``timing/*``). A fresh run (``resumed_after=None``) drops
+    everything, step 0 (the evaluation before training) included, and starts a new W&B run.
     """
 
     def __init__(
         self,
         output_dir: str | Path,
         tensorboard: bool = True,
-        resumed_after: int = 0,
+        resumed_after: int | None = None,
         wandb_project: str | None = None,
         wandb_run_name: str | None = None,
         run_config: dict | None = None,
@@ -39,23 +39,23 @@ class MetricsLogger:
         """``wandb_run_name`` defaults to ``output_dir``'s folder name; ``run_config`` becomes the W&B run's config."""
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        logged_through = 0  # the last step an earlier run logged here
+        kept_through = -1 if resumed_after is None else resumed_after
+        logged_through = -1  # the last step an earlier run logged here
         if self.path.exists():
             rows = [(line, json.loads(line)["step"]) for line in self.path.read_text().splitlines()]
-            logged_through = max((step for _, step in rows), default=0)
-            self.path.write_text("".join(line + "\n" for line, step in rows if step <= resumed_after))
+            logged_through = max((step for _, step in rows), default=-1)
+            self.path.write_text("".join(line + "\n" for line, step in rows if step <= kept_through))
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: TensorBoard discards this run directory's events at and after the step
-            self.writer = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=resumed_after + 1)
-        self.wandb_run, self.wandb_after = None, resumed_after
+            self.writer = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=kept_through + 1)
+        self.wandb_run, self.wandb_after = None, kept_through
         if wandb_project is not None:
             id_file = Path(output_dir) / WANDB_RUN_ID_FILE
-            resumed = resumed_after > 0 and id_file.is_file()
-            if resumed:
-                self.wandb_after = max(resumed_after, logged_through)
+            if resumed_after is not None and id_file.is_file():
+                self.wandb_after = max(kept_through, logged_through)
             else:
                 id_file.write_text(uuid.uuid4().hex[:12])
             self.wandb_run = _start_wandb_run(

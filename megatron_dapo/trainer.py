@@ -24,7 +24,7 @@ from megatron_dapo.batch import build_training_batch, data_parallel_rows, split_
 from megatron_dapo.checkpointing import remove_old_checkpoints
 from megatron_dapo.weights.checkpoint_reader import latest_checkpoint
 from megatron_dapo.config import DapoConfig, config_to_dict
-from megatron_dapo.data import PromptSampler, load_prompt_files
+from megatron_dapo.data import PromptSampler
 from megatron_dapo.distributed import (
     destroy_distributed,
     free_device_cache,
@@ -33,8 +33,8 @@ from megatron_dapo.distributed import (
     is_rank_zero,
     run_on_rank_zero,
 )
-from megatron_dapo.evaluation import avg_at_k
-from megatron_dapo.inputs import check_model_fits_layout, prepare_inputs
+from megatron_dapo.evaluation import EvalSummary, summarize
+from megatron_dapo.inputs import check_model_fits_layout, load_prompts, prepare_inputs
 from megatron_dapo.metrics import MetricsLogger, timed
 from megatron_dapo.preemption import Preempted, StopRequests
 from megatron_dapo.report import write_report
@@ -54,15 +54,17 @@ class Job:
         self.config = config
         self.hf_dir, train_files, val_files = prepare_inputs(config)
         self.tokenizer = AutoTokenizer.from_pretrained(self.hf_dir)
-        self.train_records = load_prompt_files(train_files)
-        self.val_records = load_prompt_files(val_files) if val_files else []
+        self.train_records = load_prompts(train_files, config.data.deduplicate)
+        self.val_records = load_prompts(val_files, config.data.deduplicate) if val_files else []
         self.sampler = PromptSampler(len(self.train_records), config.trainer.seed)  # one copy per rank, in step
         scorer = RewardScorer(config.reward.function, config.reward.num_workers)
         # Engines start first, on free GPUs (SGLang sizes its KV cache from the memory it finds), and release
         # their memory before the actor is built.
         self.placement = EnginePlacement(ro.ranks_per_engine, dist.get_world_size())
-        weights_by_sync = bool(config.model.megatron_checkpoint)
-        self.engine = build_rollout_engine(ro, self.placement, self.hf_dir, self.tokenizer, config.trainer.seed, weights_by_sync)
+        # weights_by_sync: restore() syncs the actor's weights into the engines before the first generation
+        self.engine = build_rollout_engine(
+            ro, self.placement, self.hf_dir, self.tokenizer, config.trainer.seed, weights_by_sync=True
+        )
         self.engine_dtype = engine_class(ro).weight_dtype
         self.release_engine()
         updates_per_step = alg.ppo_epochs * alg.train_batch_size * ro.n // alg.mini_batch_size
@@ -115,11 +117,21 @@ class Job:
             rows = rollout_dump_rows(step, step_rollout, responses, self.tokenizer)
             write_rollout_dump(self.config.trainer.output_dir, step, rows)
 
-    def evaluate(self, step: int) -> float | None:
-        """avg@k on the validation problems after ``step`` steps, spread over the engines, known to every rank."""
-        if not self.val_records:
-            return None
-        return avg_at_k(self.rollout.evaluate(self.val_records, step))
+    def evaluate(self, metrics: dict[str, float]) -> EvalSummary:
+        """The engines' policy on the validation problems (collective); its metrics and ``timing/eval`` are added
+        to ``metrics``. Sampling is seeded per problem: nothing a training step draws from changes."""
+        with timed(metrics, "eval"):
+            correct = self.rollout.evaluate(self.val_records)
+        summary = summarize(correct, [record.data_source for record in self.val_records])
+        metrics.update(summary.metrics)
+        return summary
+
+    def evaluates_after(self, step: int) -> bool:
+        """Whether ``step`` ends with an evaluation: every ``trainer.eval_interval`` steps and the last one,
+        when there are validation problems."""
+        trainer = self.config.trainer
+        scheduled = step == trainer.max_steps or (trainer.eval_interval > 0 and step % trainer.eval_interval == 0)
+        return scheduled and bool(self.val_records)
 
     def restore(self) -> int:
         """Resume from ``save_dir``'s latest checkpoint when there is one; the first step to run.
@@ -224,7 +236,7 @@ def train_step(job: Job, step: int) -> dict[str, float]:
     return metrics
 
 
-def _metrics_logger(config: DapoConfig, resumed_after: int) -> MetricsLogger:
+def _metrics_logger(config: DapoConfig, resumed_after: int | None) -> MetricsLogger:
     logging = config.logging
     return MetricsLogger(
         config.trainer.output_dir, logging.tensorboard, resumed_after,
@@ -242,10 +254,13 @@ def _close_logging(logger: MetricsLogger | None, output_dir: str) -> None:
 
 
 def train(config: DapoConfig) -> tuple[float | None, float | None]:
-    """Run DAPO as configured; returns held-out accuracy ``(before, after)`` (None without validation data).
+    """Run DAPO as configured; returns held-out avg@``rollout.val_n`` ``(before, after)`` over all validation
+    problems (None without validation data).
 
     Everything that can be checked before work starts is: the config against the world size, the model
-    against the parallel layout.
+    against the parallel layout. Evaluations are logged at step 0 (before the first step, in a row of their own)
+    and in the rows of the steps they follow; a resumed run evaluates its restored policy for ``before`` without
+    logging it again.
     """
     initialize_process_group()
     config.validate(dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
@@ -259,13 +274,21 @@ def train(config: DapoConfig) -> tuple[float | None, float | None]:
     stop_requests = StopRequests()
     job = Job(config)
     first_step = job.restore()
+    resumed = first_step > 1
     # rank 0 logs; a sink that cannot start (W&B without credentials) stops every rank with its error
-    logger = run_on_rank_zero(lambda: _metrics_logger(config, first_step - 1), share_result=False)
-    accuracy_before = job.evaluate(first_step - 1)
+    logger = run_on_rank_zero(lambda: _metrics_logger(config, first_step - 1 if resumed else None), share_result=False)
+    before = latest = None
+    if job.val_records:
+        metrics: dict[str, float] = {}
+        before = latest = job.evaluate(metrics)
+        if logger is not None and not resumed:
+            logger.log(0, metrics)
     steps = range(first_step, config.trainer.max_steps + 1)
     progress = tqdm(steps, desc="DAPO", disable=not (is_rank_zero() and config.logging.progress_bar))
     for step in progress:
         metrics = train_step(job, step)
+        if job.evaluates_after(step):
+            latest = job.evaluate(metrics)
         if logger is not None:
             logger.log(step, metrics)
             progress.set_postfix(acc=f"{metrics['acc/mean']:.3f}", loss=f"{metrics['actor/pg_loss']:.4f}")
@@ -277,9 +300,10 @@ def train(config: DapoConfig) -> tuple[float | None, float | None]:
             _close_logging(logger, config.trainer.output_dir)
             destroy_distributed()
             raise Preempted(step, stop_reason)
-    accuracy_after = job.evaluate(config.trainer.max_steps)
     if config.trainer.export_hf:
         job.export_hf(Path(config.trainer.output_dir) / "hf_final")
     _close_logging(logger, config.trainer.output_dir)
     destroy_distributed()
-    return accuracy_before, accuracy_after
+    if before is None:
+        return None, None
+    return before.avg, latest.avg

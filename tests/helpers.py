@@ -24,6 +24,16 @@ def run_cli(*overrides: str, timeout: int = 900, command: str = "train", config:
     return subprocess.run([*args, *overrides], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def metrics_rows(out: Path) -> list[dict]:
+    """``<out>/metrics.jsonl``, one dict per line."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def training_rows(out: Path) -> list[dict]:
+    """The rows of training steps (step 0 holds the evaluation before the first step)."""
+    return [row for row in metrics_rows(out) if row["step"] > 0]
+
+
 def convert(tool: str, *args: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
     """Run ``tools/checkpoint_convert/<tool>`` as a user would (plain ``python``)."""
     result = subprocess.run([sys.executable, f"tools/checkpoint_convert/{tool}", *args], cwd=ROOT, capture_output=True,

@@ -96,3 +96,28 @@ def load_prompt_file(path: str | Path) -> list[PromptRecord]:
 def load_prompt_files(paths: list[str]) -> list[PromptRecord]:
     """All records of several files, in order."""
     return [record for path in paths for record in load_prompt_file(path)]
+
+
+@dataclass(frozen=True)
+class Duplicates:
+    """What ``find_duplicates`` found: ``unique`` holds each (prompt messages, ground truth) pair's first record,
+    in order; ``ambiguous_prompts`` counts prompts that come with more than one ground truth."""
+
+    unique: list[PromptRecord]
+    ambiguous_prompts: int
+
+
+def find_duplicates(records: list[PromptRecord]) -> Duplicates:
+    """Repeated rows: the same prompt messages with the same ground truth (other fields are not compared).
+
+    Public DAPO data repeats rows many times over (DAPO-Math-17k each prompt about 100 times, AIME-2024 each
+    problem 32 times), which would multiply evaluation work and skew sampling. A prompt with *different* ground
+    truths is not a repeat: each row is scored against its own answer, so both stay, and are counted.
+    """
+    unique: dict[tuple[str, str], PromptRecord] = {}
+    truths: dict[str, set[str]] = {}
+    for record in records:
+        prompt = json.dumps(record.messages, sort_keys=True)
+        unique.setdefault((prompt, record.ground_truth), record)
+        truths.setdefault(prompt, set()).add(record.ground_truth)
+    return Duplicates(list(unique.values()), sum(len(answers) > 1 for answers in truths.values()))

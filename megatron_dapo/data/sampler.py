@@ -50,7 +50,8 @@ class PromptSampler:
         if state["num_prompts"] != self.num_prompts:
             raise ConfigError(
                 f"the checkpoint's data cursor is for {state['num_prompts']} prompts, data.train_files hold "
-                f"{self.num_prompts}: resume with the same data.train_files, or set trainer.resume=false"
+                f"{self.num_prompts}: resume with the same data.train_files and data.deduplicate, or set "
+                "trainer.resume=false"
             )
         self.epoch, self.cursor, self.seed = state["epoch"], state["cursor"], state["seed"]
         self.returned = list(state.get("returned", []))

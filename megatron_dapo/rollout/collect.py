@@ -340,13 +340,15 @@ class JobRollout:
         return {row: sample for src, rows in incoming.items() for row, sample in zip(rows, _unpack(headers[src], *bodies[src]))}
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, records: list[PromptRecord], draw_step: int) -> list[list[float]]:
+    def evaluate(self, records: list[PromptRecord]) -> list[list[float]]:
         """Per problem, the correctness of ``rollout.val_n`` samples, known on every rank; problems are spread
-        over the engines and seeded by ``draw_step`` and their index."""
+        over the engines. Every evaluation samples problem i with the same seed (``group_seed`` at step 0):
+        evaluations of different weights share their sampling noise, and ``megatron-dapo eval`` of an exported
+        policy repeats the training run's evaluation of the same weights."""
         results: dict[int, list[float]] = {}
         if self.is_host:
             engines = self.placement.num_engines
-            requests = [self._request(records[i], i, EVAL_DRAW, draw_step) for i in range(self.my_engine, len(records), engines)]
+            requests = [self._request(records[i], i, EVAL_DRAW, 0) for i in range(self.my_engine, len(records), engines)]
             completed = self.engine.generate(requests)
             mine = {request.key: records[request.key] for request in requests}
             for _, summary in self._score(completed, mine, {request.key: request.prompt_ids for request in requests}):

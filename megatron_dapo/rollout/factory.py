@@ -63,8 +63,9 @@ def build_rollout_engine(
     """This rank's part of its engine (``None`` on the CPU engine's other ranks); collective, and a failure on
     one rank ends every rank with its error.
 
-    ``weights_by_sync``: the folder may hold only config and tokenizer; the weights arrive by the first sync
-    (``model.megatron_checkpoint``). SGLang always starts that way (``load_format="dummy"``).
+    ``weights_by_sync``: the weights arrive by a sync (the trainer's, before its first generation), so nothing
+    is read from the folder but its config and tokenizer (SGLang: ``load_format="dummy"``). Otherwise
+    (``megatron-dapo eval``) the engine serves the folder's weights.
     """
     if rollout.engine == "sglang":
         if not torch.cuda.is_available():
@@ -76,7 +77,7 @@ def build_rollout_engine(
         ranks = placement.ranks(engine)
         return run_on_ranks(list(range(placement.world_size)), lambda: SGLangRolloutEngine.launch(
             hf_dir, ranks, groups[engine], rollout.sglang_mem_fraction, seed, [tokenizer.eos_token_id],
-            rollout.sglang_deterministic,
+            rollout.sglang_deterministic, "dummy" if weights_by_sync else "auto",
         ))
     build = HFRolloutEngine.from_config if weights_by_sync else HFRolloutEngine.from_pretrained
     return run_on_ranks(placement.hosts, lambda: build(hf_dir, tokenizer.pad_token_id, tokenizer.eos_token_id))

@@ -13,7 +13,14 @@ from itertools import groupby
 from typing import Iterable
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+)
 
 from megatron_dapo.errors import different_models
 from megatron_dapo.rollout.base import GroupRequest, RolloutEngine
@@ -49,6 +56,9 @@ class HFRolloutEngine(RolloutEngine):
 
     def __init__(self, model: PreTrainedModel, pad_token_id: int, eos_token_id: int) -> None:
         self.model = model.eval()
+        # a folder's generation_config.json (repetition penalty, top-k, ...) would add logits processors: sampling
+        # is the request's alone, whether the model came from a folder or from a config
+        self.model.generation_config = GenerationConfig.from_model_config(model.config)
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
         self.queued: list[GroupRequest] = []

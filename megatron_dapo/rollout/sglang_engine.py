@@ -26,8 +26,9 @@ over its own GPU's copy of the weights. Rules followed:
 - **Cache.** The prefix/KV cache is flushed once the last bucket is in (docs/pitfalls.md, 14);
   ``torch.cuda.ipc_collect`` runs after each bucket and a bucket's memory is copied before the resharder
   reuses it (docs/pitfalls.md, 15).
-- **Start.** The engine starts with ``load_format="dummy"`` (random weights, nothing read from disk): the
-  trainer releases its memory at once and syncs the actor's weights before the first generation.
+- **Start.** In training the engine starts with ``load_format="dummy"`` (random weights, nothing read from
+  disk): the trainer releases its memory at once and syncs the actor's weights before the first generation.
+  ``megatron-dapo eval`` starts it with ``load_format="auto"``, the folder's weights.
 - **Sampling.** With ``skip_tokenizer_init`` only the model config's EOS ids stop generation
   (``srt/configs/model_config.py:2190-2208``): the tokenizer's EOS goes in ``stop_token_ids``. Reported
   log-probs are ``log_softmax(logits / T)``, not renormalised over top-p (``srt/layers/sampler.py:273-317``).
@@ -125,8 +126,10 @@ class SGLangRolloutEngine(RolloutEngine):
         seed: int,
         stop_token_ids: Sequence[int],
         seeded: bool = True,
+        load_format: str = "dummy",
     ) -> "SGLangRolloutEngine":
-        """Start the group's engine on its GPUs (host rank only; collective over the group).
+        """Start the group's engine on its GPUs (host rank only; collective over the group); ``load_format``:
+        ``dummy`` when the weights arrive by sync, ``auto`` to load the folder's.
 
         ``seeded``: per-request ``sampling_seed`` (results independent of the engine count). SGLang honours it
         only in deterministic-inference mode, which selects its PyTorch sampling backend instead of FlashInfer's
@@ -143,7 +146,7 @@ class SGLangRolloutEngine(RolloutEngine):
                 base_gpu_id=local_rank,  # the group's GPUs are this rank's and the next ones
                 nccl_port=23000 + 10 * local_rank,  # engines of one node must not race for a port
                 dtype="bfloat16",
-                load_format="dummy",  # weights arrive by the first sync
+                load_format=load_format,
                 enable_memory_saver=True,
                 mem_fraction_static=mem_fraction_static,
                 random_seed=seed,

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from ..helpers import run_cli
+from ..helpers import metrics_rows, run_cli, training_rows
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end: minutes on 2 cores
 
@@ -33,8 +33,12 @@ def test_short_toy_run_writes_metrics_tensorboard_and_hf_export(tmp_path):
     before, after = _final_accuracies(result)
     assert 0.0 <= before <= 1.0 and 0.0 <= after <= 1.0
 
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    rows = metrics_rows(out)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]  # step 0: the evaluation before training
+    assert f"{rows[0]['eval/toy-arithmetic/avg@4']:.3f}" == f"{before:.3f}"
+    assert f"{rows[-1]['eval/toy-arithmetic/avg@4']:.3f}" == f"{after:.3f}"
+    assert ["eval/toy-arithmetic/avg@4" in r for r in rows] == [True, False, False, True]  # eval_interval=0
+    rows = rows[1:]
     for key in REQUIRED_METRICS:
         assert all(isinstance(r[key], float) for r in rows), key
     assert all(r["rollout/train_logprob_abs_diff"] < 1e-3 for r in rows)  # sync health
@@ -95,7 +99,7 @@ def test_naive_grpo_baseline_runs_with_kl_to_reference(tmp_path):
     result = run_cli(f"trainer.output_dir={out}", "trainer.max_steps=3", "toy_model.sft_steps=300",
                      "optimizer.lr=1e-3", "data.toy_num_val=4", "rollout.val_n=2", *NAIVE_GRPO)
     _final_accuracies(result)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = training_rows(out)
     assert rows[0]["actor/kl_ref"] == pytest.approx(0.0, abs=1e-6)  # first update: policy == reference
     assert rows[-1]["actor/kl_ref"] > 0.0
     # no dynamic sampling: every drawn group is used, exactly train_batch_size (16) of the 24 a round would draw

@@ -2,13 +2,12 @@
 single-process run's step metrics, the engines after each in-job sync equal the actor, and nothing depends on
 how many threads a process has (each command runs as a user types it)."""
 
-import json
 import subprocess
 import sys
 
 import pytest
 
-from ..helpers import ROOT, TOY_CONFIG
+from ..helpers import ROOT, TOY_CONFIG, training_rows
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +28,7 @@ def _run(out, nproc, *overrides):
     assert result.returncode == 0, result.stderr[-3000:]
     eval_line = [line for line in result.stdout.splitlines() if line.startswith("eval accuracy:")]
     assert len(eval_line) == 1  # rank 0 alone prints it
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], eval_line[0]
+    return training_rows(out), eval_line[0]
 
 
 @pytest.fixture(scope="module")

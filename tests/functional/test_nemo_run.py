@@ -26,7 +26,7 @@ def test_local_executor_trains_the_toy(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "SUCCEEDED" in result.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows] == [1, 2]
+    assert [row["step"] for row in rows] == [0, 1, 2]  # step 0: the evaluation before training
 
 
 def test_slurm_dry_run_prints_the_h800_job(tmp_path):

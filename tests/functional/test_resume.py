@@ -2,7 +2,6 @@
 schedule, data cursor with the prompts a streamed step gave back, engine weights all restored); a checkpoint
 whose writing was killed is never the latest."""
 
-import json
 import os
 import signal
 import subprocess
@@ -10,7 +9,7 @@ import sys
 
 import pytest
 
-from ..helpers import ROOT, TOY_CONFIG, run_cli
+from ..helpers import ROOT, TOY_CONFIG, metrics_rows, run_cli
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end: minutes on 2 cores
 
@@ -18,10 +17,6 @@ SMALL = ["toy_model.sft_steps=300", "algorithm.max_num_gen_batches=0", "data.toy
          "trainer.save_interval=1", "trainer.export_hf=false", "optimizer.lr_warmup_steps=2"]
 COMPARED = ["actor/pg_loss", "actor/grad_norm", "actor/lr", "acc/mean", "reward/mean", "entropy/mean",
             "rollout/train_logprob_abs_diff"]
-
-
-def _rows(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
@@ -37,17 +32,19 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert (split / "checkpoints" / "iter_0000002").is_dir()  # written, never named by the tracker
     assert (split / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "1"
-    assert [r["step"] for r in _rows(split)] == [1, 2]
+    assert [r["step"] for r in metrics_rows(split)] == [0, 1, 2]  # step 0: the evaluation before training
     result = run_cli(f"trainer.output_dir={split}", "trainer.max_steps=3", *SMALL)
     assert result.returncode == 0, result.stderr[-3000:]
-    expected, resumed = _rows(whole), _rows(split)
-    assert [r["step"] for r in resumed] == [1, 2, 3]  # step 2 logged once: the killed run's line is dropped
+    expected, resumed = metrics_rows(whole), metrics_rows(split)
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3]  # step 2 logged once: the killed run's line is dropped
+    # the first run's evaluation before training, kept; the resumed run's evaluation of step 1's policy is not logged
+    assert {k: v for k, v in resumed[0].items() if k.startswith("eval/")} == {k: v for k, v in expected[0].items() if k.startswith("eval/")}
     # step 1's stream generated groups past the training batch: their prompts went back to the sampler, whose
     # checkpointed state carries them into step 2
-    assert expected[0]["sampling/generated_groups"] > expected[0]["sampling/num_gen_batches"] * 24
+    assert expected[1]["sampling/generated_groups"] > expected[1]["sampling/num_gen_batches"] * 24
     for step in (2, 3):  # step 3 depends on the Adam moments and step count restored from step 1's checkpoint
         for key in COMPARED:
-            assert resumed[step - 1][key] == pytest.approx(expected[step - 1][key], rel=1e-6, abs=1e-9), (step, key)
+            assert resumed[step][key] == pytest.approx(expected[step][key], rel=1e-6, abs=1e-9), (step, key)
     assert (split / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "3"
 
 
@@ -79,4 +76,4 @@ def test_a_stop_request_checkpoints_exits_for_a_requeue_and_the_next_run_resumes
     stop.unlink()
     resumed = run_cli(*args, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [r["step"] for r in _rows(out)] == [1, 2, 3]
+    assert [r["step"] for r in metrics_rows(out)] == [0, 1, 2, 3]

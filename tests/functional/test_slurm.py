@@ -75,7 +75,7 @@ def test_the_32b_template_runs_the_toy_on_a_cpu_slurm(slurm, tmp_path):
     result = _sbatch(slurm, tmp_path, "trainer.max_steps=3", f"trainer.output_dir={out}")
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = result.stdout.strip().split()[-1]
-    assert [row["step"] for row in _rows(out)] == [1, 2, 3]
+    assert [row["step"] for row in _rows(out)] == [0, 1, 2, 3]  # step 0: the evaluation before training
     log = (Path(slurm["LOG_DIR"]) / job_id / "restart-0.log").read_text()
     assert "eval accuracy: before=" in log and "rendezvous" in log
 
@@ -102,8 +102,8 @@ def test_a_signalled_job_requeues_and_resumes_to_the_uninterrupted_metrics(slurm
     assert "preempted: stopped after step 1 (stop file)" in (logs / "restart-0.log").read_text()
     assert (logs / "requeue-after-restart-0").exists() and "eval accuracy" in (logs / "restart-1.log").read_text()
     expected, resumed = _rows(whole), _rows(split)
-    assert [row["step"] for row in resumed] == [1, 2, 3, 4, 5]  # each step once, none lost, none repeated
-    for got, want in zip(resumed, expected):
+    assert [row["step"] for row in resumed] == [0, 1, 2, 3, 4, 5]  # each step once, none lost, none repeated
+    for got, want in zip(resumed[1:], expected[1:]):
         for key in ("acc/mean", "actor/pg_loss", "actor/grad_norm", "actor/lr", "entropy/mean"):
             assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), (got["step"], key)
     assert sorted(p.name for p in (split / "checkpoints").glob("iter_*")) == ["iter_0000004", "iter_0000005"]  # keep_last
@@ -120,4 +120,4 @@ def test_nemo_run_submits_the_toy_to_slurm(slurm, tmp_path):
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "COMPLETED exit 0:0" in result.stdout
-    assert [row["step"] for row in _rows(out)] == [1, 2]
+    assert [row["step"] for row in _rows(out)] == [0, 1, 2]

@@ -1,13 +1,12 @@
 """The same CLI under torchrun: 2-process TP=2 and PP=2 jobs (gloo) match the 1-process run's first step,
 and after the in-job weight sync the CPU engine's log-probs equal the actor's within 1e-4."""
 
-import json
 import subprocess
 import sys
 
 import pytest
 
-from ..helpers import ROOT, TOY_CONFIG, assert_hf_folders_bit_identical, convert
+from ..helpers import ROOT, TOY_CONFIG, assert_hf_folders_bit_identical, convert, training_rows
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end: minutes on 2 cores
 
@@ -22,7 +21,7 @@ def _first_step(launcher, out, *overrides):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("eval accuracy:") == 1  # printed by rank 0 only
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = training_rows(out)
     # step 2 samples from the engine after the in-job sync of step 1's update: it must match the actor
     assert rows[1]["rollout/train_logprob_abs_diff"] < 1e-4
     return rows[0]

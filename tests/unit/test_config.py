@@ -82,11 +82,25 @@ def test_every_option_is_listed_with_its_documentation():
         ("trainer.max_steps=-1", "trainer.max_steps=-1 must be >= 0"),
         ("parallel.micro_batch_size=0", "parallel.micro_batch_size=0 must be at least 1"),
         ("logging.rollout_dump_interval=-1", "logging.rollout_dump_interval=-1 must be >= 0"),
+        ("trainer.eval_interval=-2", "trainer.eval_interval=-2 must be >= 0"),
     ],
 )
 def test_value_ranges_are_checked_before_any_work(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(CONFIGS / "toy_cpu.yaml", [override]).validate(world_size=1)
+
+
+def test_evaluation_checks_the_engines_not_the_training_layout():
+    """``megatron-dapo eval`` of a 128-GPU training config on one 8-GPU node: the engines must fit the node, the
+    actor's TP 8 × PP 2 need not divide the world."""
+    config = load_config(CONFIGS / "qwen2.5_32b_dapo.yaml")
+    with pytest.raises(ConfigError, match="tensor_model_parallel_size"):
+        config.validate(world_size=8)
+    config.validate(world_size=8, training=False)
+    with pytest.raises(ConfigError, match="rollout.ranks_per_engine=8"):
+        config.validate(world_size=4, training=False)
+    with pytest.raises(ConfigError, match="rollout.val_n=0"):
+        load_config(CONFIGS / "toy_cpu.yaml", ["rollout.val_n=0"]).validate(training=False)
 
 
 def test_choices_are_checked_when_loading():

@@ -117,3 +117,57 @@ def test_toy_rows_follow_schema():
     row = make_toy_rows(1, seed=0)[0]
     assert set(row) == {"data_source", "prompt", "ability", "reward_model", "extra_info"}
     assert row["reward_model"]["style"] == "rule"
+
+
+def _row(question, answer, source="math_dapo", system=None):
+    prompt = [{"role": "user", "content": question}]
+    if system is not None:
+        prompt.insert(0, {"role": "system", "content": system})
+    return {"data_source": source, "prompt": prompt, "reward_model": {"style": "rule", "ground_truth": answer}}
+
+
+def test_repeated_rows_are_dropped_keeping_the_first_in_order(tmp_path):
+    """Like the public AIME-2024 parquet: every problem repeated, here 3 problems 4 times, interleaved."""
+    import datasets
+
+    from megatron_dapo.data import find_duplicates
+
+    problems = [_row("1+1=", "2"), _row("2+2=", "4"), _row("3+3=", "6")]
+    path = tmp_path / "aime.parquet"
+    datasets.Dataset.from_list([dict(p, extra_info={"index": i}) for i in range(4) for p in problems]).to_parquet(str(path))
+    records = load_prompt_file(path)
+    found = find_duplicates(records)
+    assert len(records) == 12 and [r.messages[0]["content"] for r in found.unique] == ["1+1=", "2+2=", "3+3="]
+    assert [r.extra["extra_info"]["index"] for r in found.unique] == [0, 0, 0]  # the first of each
+    assert found.ambiguous_prompts == 0
+
+
+def test_a_repeat_needs_the_same_messages_and_ground_truth(tmp_path):
+    from megatron_dapo.data import find_duplicates
+
+    rows = [
+        _row("1+1=", "2"),
+        _row("1+1=", "2", source="other"),  # other fields are not compared: a repeat
+        _row("1+1=", "2", system="Think step by step."),  # other messages: another prompt
+        _row("1+1=", "3"),  # same prompt, another answer: kept, counted as ambiguous
+        _row("2+2=", "4"),
+    ]
+    found = find_duplicates(load_prompt_file(_jsonl(tmp_path / "d.jsonl", rows)))
+    assert [(len(r.messages), r.ground_truth, r.data_source) for r in found.unique] == [
+        (1, "2", "math_dapo"), (2, "2", "math_dapo"), (1, "3", "math_dapo"), (1, "4", "math_dapo")]
+    assert found.ambiguous_prompts == 1
+
+
+def test_loading_says_what_deduplication_did(tmp_path, capsys):
+    from megatron_dapo.inputs import load_prompts
+
+    path = str(_jsonl(tmp_path / "d.jsonl", [_row("1+1=", "2")] * 3 + [_row("2+2=", "4"), _row("2+2=", "5")]))
+    assert [r.ground_truth for r in load_prompts([path], deduplicate=True)] == ["2", "4", "5"]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        f"data: {path}: kept 3 of 5 rows (2 duplicates dropped; data.deduplicate=false keeps them)",
+        f"data: warning: {path}: 1 prompt(s) with more than one ground truth; every row kept, each scored against "
+        "its own answer",
+    ]
+    assert len(load_prompts([path], deduplicate=False)) == 5
+    assert capsys.readouterr().out.splitlines()[0] == f"data: {path}: 5 rows, 2 of them duplicates, kept (data.deduplicate=false)"

@@ -43,7 +43,7 @@ def wandb(monkeypatch, tmp_path):
     return module
 
 
-def _run(output_dir, steps, resumed_after=0, **wandb_options):
+def _run(output_dir, steps, resumed_after=None, **wandb_options):
     logger = MetricsLogger(output_dir, tensorboard=False, resumed_after=resumed_after, wandb_project="proj", **wandb_options)
     for step in steps:
         logger.log(step, {"acc/mean": step / 10})

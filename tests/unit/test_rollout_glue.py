@@ -1,6 +1,7 @@
 """The glue between engines and trainer: dynamic sampling across engines (streaming and rounds), groups kept in
 draw order whatever order they complete in, prompts given back, filtering on raw accuracy, starvation, samples
-delivered to the data-parallel ranks that train them, and the training tensors built from them.
+delivered to the data-parallel ranks that train them, the training tensors built from them, and evaluations that
+leave training sampling alone.
 
 ``ScriptedEngine`` is a deterministic ``RolloutEngine`` written for these tests (not a mock of the code under
 test): it answers each prompt with the responses a script gives for it, and can complete groups one per
@@ -13,17 +14,19 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from transformers import Qwen2ForCausalLM
 
 from megatron_dapo.batch import build_training_batch, data_parallel_rows, training_samples
-from megatron_dapo.config import AlgorithmConfig, RolloutConfig
+from megatron_dapo.config import AlgorithmConfig, RolloutConfig, ToyModelConfig
 from megatron_dapo.data import PromptRecord, PromptSampler
 from megatron_dapo.reward import RewardScorer
-from megatron_dapo.rollout.base import GroupRequest, RolloutEngine
+from megatron_dapo.rollout.base import TRAIN_DRAW, GroupRequest, RolloutEngine, group_seed
 from megatron_dapo.rollout.collect import DynamicSamplingError, GroupSummary, JobRollout, encode_prompt, training_cutoff
 from megatron_dapo.rollout.dump import rollout_dump_rows
 from megatron_dapo.rollout.factory import EnginePlacement
+from megatron_dapo.rollout.hf_engine import HFRolloutEngine
 from megatron_dapo.samples import Group, RolloutSample
-from megatron_dapo.toy import build_toy_tokenizer
+from megatron_dapo.toy import build_toy_tokenizer, toy_hf_config
 
 TOKENIZER = build_toy_tokenizer()
 
@@ -245,3 +248,54 @@ def test_two_engines_share_the_step_and_each_replica_gets_its_rows(tmp_path):
     assert [{k: v for k, v in row.items() if k != "advantage"} for row in dump] == expected_dump
     trained = {row: sample for rank in (0, 1) for row, sample in zip(data_parallel_rows(8, 4, 2, rank), out[rank][2])}
     assert [row["advantage"] for row in dump] == pytest.approx([trained[row][2] for row in range(8)])
+
+
+class RecordingEngine(HFRolloutEngine):
+    """The CPU engine over a random toy model, keeping every request it was given."""
+
+    def __init__(self) -> None:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = Qwen2ForCausalLM(toy_hf_config(ToyModelConfig(hidden_size=32, intermediate_size=64), TOKENIZER))
+        super().__init__(model, TOKENIZER.pad_token_id, TOKENIZER.eos_token_id)
+        self.requests: list[GroupRequest] = []
+
+    def submit(self, requests):
+        self.requests += requests
+        super().submit(requests)
+
+
+def _sampling_rollout(engine: RolloutEngine) -> JobRollout:
+    return _rollout(engine, AlgorithmConfig(dynamic_sampling=False, train_batch_size=2, gen_batch_size=2,
+                                            overlong_buffer_enable=False),
+                    RolloutConfig(n=2, max_response_length=6, val_n=3))
+
+
+def _step_two_samples(evaluate_between: bool) -> list[list[int]]:
+    """Step 2's sampled tokens, with or without an evaluation after step 1."""
+    rollout = _sampling_rollout(RecordingEngine())
+    sampler = PromptSampler(len(SIX), seed=0)
+    rollout.generate_step(SIX, sampler, step=1)
+    if evaluate_between:
+        rollout.evaluate(SIX[:3])
+    step = rollout.generate_step(SIX, sampler, step=2)
+    return [s.token_ids for p in step.kept for s in step.groups[p].samples]
+
+
+def test_an_evaluation_leaves_the_training_samples_and_itself_unchanged(world_of_one):
+    """Evaluation draws from no state that training sampling uses (each group has its own seed), and every
+    evaluation samples problem i with the same seed, whatever the step: evaluations of the same weights agree."""
+    with_eval = _step_two_samples(evaluate_between=True)
+    assert with_eval == _step_two_samples(evaluate_between=False)
+    assert len({tuple(tokens) for tokens in with_eval}) > 1  # really sampled
+    engine = RecordingEngine()
+    rollout = _sampling_rollout(engine)
+    rollout.evaluate(SIX[:3])
+    evaluation = [(r.key, r.seed, r.n) for r in engine.requests]
+    assert [(key, n) for key, _, n in evaluation] == [(0, 3), (1, 3), (2, 3)]
+    training_seeds = {group_seed(1, TRAIN_DRAW, step, position) for step in (1, 5) for position in range(6)}
+    assert not {seed for _, seed, _ in evaluation} & training_seeds
+    rollout.generate_step(SIX, PromptSampler(len(SIX), seed=0), step=5)
+    engine.requests.clear()
+    rollout.evaluate(SIX[:3])
+    assert [(r.key, r.seed, r.n) for r in engine.requests] == evaluation
