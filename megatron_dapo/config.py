@@ -61,7 +61,10 @@ class ToyModelConfig:
     sft_steps: int = option(2000, "supervised warm-start steps")
     sft_batch_size: int = option(64, "warm-start batch size")
     sft_lr: float = option(1e-3, "warm-start AdamW learning rate")
-    sft_answer_noise: float = option(0.4, "share of warm-start demonstrations whose answer is off by 1–9")
+    sft_answer_noise: float = option(0.4, "arithmetic: share of warm-start demonstrations whose answer is off by 1–9")
+    sft_step_error: float = option(0.03, "countdown: chance that a demonstrated number is off by 1–2 (carried on)")
+    sft_ramble: float = option(0.2, "countdown: share of demonstrations that repeat one number 2–6 times, then go on")
+    sft_loop: float = option(0.05, "countdown: share of demonstrations that repeat one number without end (no EOS)")
 
 
 @dataclass
@@ -84,6 +87,9 @@ class DataConfig:
     toy_num_train: int = option(2000, "toy training problems")
     toy_num_val: int = option(64, "toy held-out problems")
     toy_seed: int = option(1234, "seed of the toy problems")
+    toy_task: Literal["arithmetic", "countdown"] = option(
+        "arithmetic", "the built-in task: arithmetic (one-line answers) | countdown (worked solutions, 14–110 tokens)"
+    )
     deduplicate: bool = option(
         True, "drop repeated rows (same prompt messages and ground truth; the first is kept) of train and val files"
     )
@@ -288,6 +294,7 @@ _NON_NEGATIVE = (
 )
 _POSITIVE = ("rollout.temperature", "rollout.val_temperature", "optimizer.clip_grad", "optimizer.adam_eps")
 _UNIT_INTERVAL = ("rollout.top_p", "rollout.val_top_p", "rollout.sglang_mem_fraction")  # (0, 1]
+_SHARES = ("toy_model.sft_answer_noise", "toy_model.sft_step_error", "toy_model.sft_ramble", "toy_model.sft_loop")
 
 
 def _value(config: DapoConfig, key: str) -> object:
@@ -308,6 +315,15 @@ def _validate_ranges(config: DapoConfig) -> None:
     for key in _UNIT_INTERVAL:
         if not 0 < _value(config, key) <= 1:
             raise ConfigError(f"{key}={_value(config, key)} must be in (0, 1]")
+    for key in _SHARES:
+        if not 0 <= _value(config, key) <= 1:
+            raise ConfigError(f"{key}={_value(config, key)} must be in [0, 1] (a share of the demonstrations)")
+    toy = config.toy_model
+    if toy.sft_ramble + toy.sft_loop > 1:
+        raise ConfigError(
+            f"toy_model.sft_ramble={toy.sft_ramble} + toy_model.sft_loop={toy.sft_loop} must be at most 1 "
+            "(shares of the same demonstrations)"
+        )
     alg, ro = config.algorithm, config.rollout
     if ro.n < 2:
         raise ConfigError(f"rollout.n={ro.n}: group advantages need at least 2 samples per prompt")

@@ -11,13 +11,12 @@ import os
 from pathlib import Path
 
 import torch.distributed as dist
-from transformers import AutoTokenizer
 
 from megatron_dapo.config import DapoConfig
 from megatron_dapo.distributed import destroy_distributed, initialize_process_group, run_on_rank_zero
 from megatron_dapo.errors import ConfigError
 from megatron_dapo.evaluation import EvalSummary, summarize
-from megatron_dapo.inputs import load_prompts, validation_files
+from megatron_dapo.inputs import load_prompts, load_tokenizer, validation_files
 from megatron_dapo.reward import RewardScorer
 from megatron_dapo.rollout.collect import JobRollout
 from megatron_dapo.rollout.factory import EnginePlacement, build_rollout_engine
@@ -54,7 +53,7 @@ def evaluate_hf_folder(config: DapoConfig, hf_dir: str | None) -> EvalSummary:
         raise ConfigError("megatron-dapo eval needs validation problems: set data.val_files (parquet/jsonl in "
                           "DAPO-Math-17K format), or leave data.train_files empty for the toy ones")
     records = load_prompts(files, config.data.deduplicate)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = load_tokenizer(folder)
     ro, seed = config.rollout, config.trainer.seed
     placement = EnginePlacement(ro.ranks_per_engine, world_size)
     engine = build_rollout_engine(ro, placement, folder, tokenizer, seed, weights_by_sync=False)

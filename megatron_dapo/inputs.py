@@ -5,14 +5,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoConfig, PretrainedConfig
+import yaml
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from megatron_dapo.config import DapoConfig
+from megatron_dapo.config import DapoConfig, config_to_dict
 from megatron_dapo.data import PromptRecord, find_duplicates, load_prompt_files, write_toy_dataset
 from megatron_dapo.distributed import is_rank_zero, run_on_rank_zero
 from megatron_dapo.errors import ConfigError
 from megatron_dapo.model_config import validate_hf_config
 from megatron_dapo.toy import build_toy_checkpoint, build_toy_tokenizer, toy_hf_config
+
+
+def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of an HF folder exactly as its ``tokenizer.json`` defines it.
+
+    transformers 5's ``AutoTokenizer`` picks the tokenizer class from the model type and, for Qwen2, rebuilds the
+    pre-tokenizer (Qwen's regex and byte-level mapping) instead of reading the file's: the toy character
+    tokenizer then dropped every space. ``tokenizer.json`` is what the model was trained with, so it wins.
+    """
+    if (Path(folder) / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def model_hf_config(config: DapoConfig) -> PretrainedConfig:
@@ -44,19 +57,23 @@ def validation_files(config: DapoConfig) -> list[str]:
     if data.val_files or data.train_files:
         return list(data.val_files)
     path = Path(config.trainer.output_dir) / "data" / "val.parquet"
-    return [str(write_toy_dataset(path, data.toy_num_val, data.toy_seed + 1))]
+    return [str(write_toy_dataset(path, data.toy_num_val, data.toy_seed + 1, data.toy_task))]
 
 
 def prepare_inputs(config: DapoConfig) -> tuple[str, list[str], list[str]]:
-    """The HF model folder and the train/validation files (collective: rank 0 creates the toy ones)."""
+    """The HF model folder and the train/validation files (collective: rank 0 creates the toy ones and writes
+    the run's whole config to ``output_dir/config.yaml``, for reading what a run used)."""
     out = Path(config.trainer.output_dir)
     hf_dir = config.model.hf_path or str(out / "toy_init")
 
     def create() -> tuple[list[str], list[str]]:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
         data = config.data
         train_files = list(data.train_files)
         if not train_files:
-            train_files = [str(write_toy_dataset(out / "data" / "train.parquet", data.toy_num_train, data.toy_seed))]
+            path = out / "data" / "train.parquet"
+            train_files = [str(write_toy_dataset(path, data.toy_num_train, data.toy_seed, data.toy_task))]
         if config.model.hf_path is None:
             build_toy_checkpoint(
                 config.toy_model, load_prompt_files(train_files), hf_dir, config.trainer.seed, config.logging.progress_bar

@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 from megatron_dapo.actor.actor import MegatronActor
 from megatron_dapo.algorithm import truncated_is_weights
@@ -34,7 +33,7 @@ from megatron_dapo.distributed import (
     run_on_rank_zero,
 )
 from megatron_dapo.evaluation import EvalSummary, summarize
-from megatron_dapo.inputs import check_model_fits_layout, load_prompts, prepare_inputs
+from megatron_dapo.inputs import check_model_fits_layout, load_prompts, load_tokenizer, prepare_inputs
 from megatron_dapo.metrics import MetricsLogger, timed
 from megatron_dapo.preemption import Preempted, StopRequests
 from megatron_dapo.report import write_report
@@ -53,7 +52,7 @@ class Job:
         alg, ro = config.algorithm, config.rollout
         self.config = config
         self.hf_dir, train_files, val_files = prepare_inputs(config)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.hf_dir)
+        self.tokenizer = load_tokenizer(self.hf_dir)
         self.train_records = load_prompts(train_files, config.data.deduplicate)
         self.val_records = load_prompts(val_files, config.data.deduplicate) if val_files else []
         self.sampler = PromptSampler(len(self.train_records), config.trainer.seed)  # one copy per rank, in step

@@ -3,4 +3,4 @@
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
 cd "$ROOT"
-exec python -m pytest -q tests/unit tests/functional "$@"
+exec python -m pytest -q --durations=30 tests/unit tests/functional "$@"

@@ -10,13 +10,16 @@ from megatron_dapo.data.dataset import (
     validate_row,
 )
 from megatron_dapo.data.sampler import PromptSampler
-from megatron_dapo.data.toy_task import make_toy_rows, write_toy_dataset
+from megatron_dapo.data.toy_task import DATA_SOURCES, ToyTask, countdown_problem, make_toy_rows, write_toy_dataset
 
 __all__ = [
+    "DATA_SOURCES",
     "DatasetFormatError",
     "Duplicates",
     "PromptRecord",
     "PromptSampler",
+    "ToyTask",
+    "countdown_problem",
     "find_duplicates",
     "load_prompt_file",
     "load_prompt_files",

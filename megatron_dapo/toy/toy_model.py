@@ -16,7 +16,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from megatron_dapo.config import ToyModelConfig
-from megatron_dapo.data.dataset import PromptRecord
+from megatron_dapo.data import DATA_SOURCES, PromptRecord, countdown_problem
 
 PAD_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"
@@ -54,6 +54,9 @@ def toy_hf_config(cfg: ToyModelConfig, tokenizer: PreTrainedTokenizerFast) -> Qw
     )
 
 
+LOOP_LENGTH = 160  # characters of a looping demonstration: past any max_response_length the toy configs use
+
+
 def _demonstrated_answer(ground_truth: str, noise: float, rng: random.Random) -> str:
     """The teacher's answer: correct, or with probability ``noise`` off by 1–9."""
     if rng.random() >= noise:
@@ -61,16 +64,47 @@ def _demonstrated_answer(ground_truth: str, noise: float, rng: random.Random) ->
     return str(int(ground_truth) + rng.choice([-1, 1]) * rng.randint(1, 9))
 
 
+def _worked_countdown(start: int, step: int, cfg: ToyModelConfig, rng: random.Random) -> tuple[str, bool]:
+    """The teacher's countdown and whether it ends (with EOS): each number is off by 1–2 with probability
+    ``cfg.sft_step_error`` (the error carried on); a share ``cfg.sft_ramble`` repeats one number 2–6 times and
+    goes on, a share ``cfg.sft_loop`` repeats one number until ``LOOP_LENGTH`` characters and never answers."""
+    numbers = [start]
+    while numbers[-1] >= step:
+        number = numbers[-1] - step
+        if rng.random() < cfg.sft_step_error:
+            number = max(number + rng.choice([-1, 1]) * rng.randint(1, 2), 0)
+        numbers.append(number)
+    words = [str(number) for number in numbers]
+    kind = rng.random()
+    repeated = rng.randrange(len(words))
+    if kind < cfg.sft_loop:
+        looping = words[: repeated + 1] + [words[repeated]] * LOOP_LENGTH
+        return " ".join(looping)[:LOOP_LENGTH], False
+    if kind < cfg.sft_loop + cfg.sft_ramble:
+        words = words[: repeated + 1] + [words[repeated]] * rng.randint(2, 6) + words[repeated + 1 :]
+    return " ".join(words) + f" Answer: {numbers[-1]}", True
+
+
+def _demonstration(
+    record: PromptRecord, cfg: ToyModelConfig, tokenizer: PreTrainedTokenizerFast, rng: random.Random
+) -> list[int]:
+    """The response token ids the teacher writes for ``record`` (its task told by the data source)."""
+    if record.data_source == DATA_SOURCES["countdown"]:
+        text, ends = _worked_countdown(*countdown_problem(record.messages[-1]["content"]), cfg, rng)
+    else:
+        text, ends = f"Answer: {_demonstrated_answer(record.ground_truth, cfg.sft_answer_noise, rng)}", True
+    return tokenizer.encode(text) + ([tokenizer.eos_token_id] if ends else [])
+
+
 def _sft_batch(
-    records: list[PromptRecord], tokenizer: PreTrainedTokenizerFast, noise: float, rng: random.Random
+    records: list[PromptRecord], tokenizer: PreTrainedTokenizerFast, cfg: ToyModelConfig, rng: random.Random
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``labels`` (−100 outside the response) for prompt → ``Answer: x<eos>``."""
+    """Right-padded ``input_ids`` and ``labels`` (−100 outside the response) for prompt → demonstration."""
     sequences, labels = [], []
     for record in records:
         prompt = tokenizer.apply_chat_template(record.messages, tokenize=False, add_generation_prompt=True)
         prompt_ids = tokenizer.encode(prompt)
-        answer = _demonstrated_answer(record.ground_truth, noise, rng)
-        response_ids = tokenizer.encode(f"Answer: {answer}") + [tokenizer.eos_token_id]
+        response_ids = _demonstration(record, cfg, tokenizer, rng)
         sequences.append(prompt_ids + response_ids)
         labels.append([-100] * len(prompt_ids) + response_ids)
     width = max(map(len, sequences))
@@ -88,9 +122,10 @@ def build_toy_checkpoint(
 ) -> Path:
     """Create, warm-start and save the toy policy as an HF folder.
 
-    The warm start imitates a noisy teacher (a share ``cfg.sft_answer_noise`` of demonstrated answers is off by
-    1–9): the policy learns the arithmetic but samples wrong answers often, like a base model that knows more
-    than it reliably says — the situation DAPO's sharpening of correct answers improves.
+    The warm start imitates a noisy teacher (arithmetic: a share ``cfg.sft_answer_noise`` of demonstrated answers
+    is off by 1–9; countdowns: wrong steps, rambling and looping solutions): the policy learns the task but
+    samples wrong, long or endless answers often, like a base model that knows more than it reliably says — the
+    situation DAPO's sharpening of correct answers and its overlong handling improve.
     """
     threads = torch.get_num_threads()
     # the same weights under every launcher (torchrun gives each process one thread): 2000 steps' results depend on
@@ -112,7 +147,7 @@ def _warm_start(cfg: ToyModelConfig, records: list[PromptRecord], out_dir: Path,
     model.train()
     for _ in tqdm(range(cfg.sft_steps), desc="toy warm start (SFT)", disable=not progress_bar):
         picks = torch.randint(len(records), (cfg.sft_batch_size,), generator=generator).tolist()
-        input_ids, labels = _sft_batch([records[i] for i in picks], tokenizer, cfg.sft_answer_noise, rng)
+        input_ids, labels = _sft_batch([records[i] for i in picks], tokenizer, cfg, rng)
         loss = model(input_ids=input_ids, attention_mask=(input_ids != tokenizer.pad_token_id).long(), labels=labels).loss
         optimizer.zero_grad()
         loss.backward()

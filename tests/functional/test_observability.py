@@ -61,7 +61,7 @@ def test_rollout_dumps_hold_every_trained_sample(run):
 
 
 def test_run_logs_up_clipped_probability_and_writes_report(run):
-    for row in _metrics(run / "run"):
+    for row in _metrics(run / "run")[1:]:  # row 0: the evaluation before training
         assert 0.0 <= row["prob/up_clipped_mean"] <= 1.0
         if row["pg_clipfrac/high"] == 0.0:
             assert row["prob/up_clipped_mean"] == 0.0
@@ -109,7 +109,8 @@ def test_wandb_offline_run_holds_every_step(run):
             items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
             history[record.history.step.num] = items
     metrics = _metrics(run / "run")
-    assert sorted(history) == [row["step"] for row in metrics] == list(range(1, STEPS + 1))
-    for row in metrics:
+    assert sorted(history) == [row["step"] for row in metrics] == list(range(STEPS + 1))  # step 0: evaluation
+    assert all(history[0][key] == pytest.approx(value) for key, value in metrics[0].items() if key != "step")
+    for row in metrics[1:]:
         for key in ("acc/mean", "prob/up_clipped_mean", "actor/pg_loss", "timing/step"):
             assert history[row["step"]][key] == pytest.approx(row[key]), key

@@ -82,6 +82,8 @@ def test_every_option_is_listed_with_its_documentation():
         ("trainer.max_steps=-1", "trainer.max_steps=-1 must be >= 0"),
         ("parallel.micro_batch_size=0", "parallel.micro_batch_size=0 must be at least 1"),
         ("logging.rollout_dump_interval=-1", "logging.rollout_dump_interval=-1 must be >= 0"),
+        ("toy_model.sft_loop=1.5", "toy_model.sft_loop=1.5 must be in [0, 1]"),
+        ("toy_model.sft_ramble=0.99", "toy_model.sft_ramble=0.99 + toy_model.sft_loop=0.05 must be at most 1"),
         ("trainer.eval_interval=-2", "trainer.eval_interval=-2 must be >= 0"),
     ],
 )
