@@ -44,7 +44,7 @@ LADDER = [
 # (dynamic sampling's row needs 4 of them within 10 generation rounds)
 QUICK = ["trainer.max_steps=2", "trainer.eval_interval=1", "toy_model.sft_steps=300", "data.toy_num_val=4",
          "rollout.val_n=2", "algorithm.train_batch_size=4", "algorithm.gen_batch_size=8", "algorithm.mini_batch_size=16",
-         "algorithm.max_num_gen_batches=10"]
+         "algorithm.max_num_gen_batches=10", "parallel.micro_batch_size=8"]
 LAST_STEPS = 5  # "final" entropy, length, truncation and clip fraction: the mean over the last steps
 
 
