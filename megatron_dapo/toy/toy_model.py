@@ -57,11 +57,16 @@ def toy_hf_config(cfg: ToyModelConfig, tokenizer: PreTrainedTokenizerFast) -> Qw
 LOOP_LENGTH = 160  # characters of a looping demonstration: past any max_response_length the toy configs use
 
 
+def _off_by(value: int, largest: int, rng: random.Random) -> int:
+    """``value`` moved up or down by 1 to ``largest``: the teacher's mistakes."""
+    return value + rng.choice([-1, 1]) * rng.randint(1, largest)
+
+
 def _demonstrated_answer(ground_truth: str, noise: float, rng: random.Random) -> str:
     """The teacher's answer: correct, or with probability ``noise`` off by 1–9."""
     if rng.random() >= noise:
         return ground_truth
-    return str(int(ground_truth) + rng.choice([-1, 1]) * rng.randint(1, 9))
+    return str(_off_by(int(ground_truth), 9, rng))
 
 
 def _worked_countdown(start: int, step: int, cfg: ToyModelConfig, rng: random.Random) -> tuple[str, bool]:
@@ -72,7 +77,7 @@ def _worked_countdown(start: int, step: int, cfg: ToyModelConfig, rng: random.Ra
     while numbers[-1] >= step:
         number = numbers[-1] - step
         if rng.random() < cfg.sft_step_error:
-            number = max(number + rng.choice([-1, 1]) * rng.randint(1, 2), 0)
+            number = max(_off_by(number, 2, rng), 0)
         numbers.append(number)
     words = [str(number) for number in numbers]
     kind = rng.random()
