@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -16,15 +18,34 @@ from transformers import PretrainedConfig
 from megatron_dapo.model_config import has_qkv_bias, head_dim, padded_vocab_size, rope_theta, validate_hf_config
 
 
-def transformer_engine_available() -> bool:
-    """True when Transformer Engine imports and CUDA is present (the GPU layer spec can be used)."""
+@functools.cache
+def transformer_engine_unavailable_reason() -> str | None:
+    """Why Transformer Engine's PyTorch layers cannot be used here; ``None`` when they can.
+
+    ``import transformer_engine`` succeeds even when its PyTorch extension failed to load (a build against
+    another torch, a missing ``.so``): transformer-engine 2.11.0's ``transformer_engine/__init__.py`` swallows
+    that ``ImportError``. Importing ``transformer_engine.pytorch`` raises it, so that is what is checked. On a
+    CUDA host the reason is printed once: a silent fall-back to the local spec is slow (O(s²) attention) and
+    looks like a working install.
+    """
     if not torch.cuda.is_available():
-        return False
+        return "no CUDA device"
     try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        import transformer_engine.pytorch  # noqa: F401
+    except (ImportError, OSError) as exc:  # OSError: FileNotFoundError "Could not find shared object file"
+        reason = f"{type(exc).__name__}: {exc}"
+        print(
+            f"megatron-dapo: Transformer Engine is not usable ({reason}); using megatron-core's local layer spec. "
+            "Install it as the README's 'The GPU path' says (torch first, then TE without build isolation).",
+            file=sys.stderr,
+        )
+        return reason
+    return None
+
+
+def transformer_engine_available() -> bool:
+    """True when CUDA is present and Transformer Engine's PyTorch layers import (the GPU layer spec can be used)."""
+    return transformer_engine_unavailable_reason() is None
 
 
 class SequenceParallelRMSNorm(torch.nn.RMSNorm):

@@ -1,5 +1,7 @@
 """Layer spec choice: megatron-core's local spec on CPU, Transformer Engine's on GPU (same code above it)."""
 
+import sys
+
 import pytest
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -32,3 +34,40 @@ def test_gpu_uses_transformer_engine_spec():
 
     assert transformer_engine_available()
     assert layer_spec(CONFIG).submodules.self_attention.submodules.core_attention is TEDotProductAttention
+
+
+BROKEN_TE_INIT = '''
+# Stand-in for transformer-engine 2.11.0's top-level __init__, which swallows its PyTorch side's ImportError.
+try:
+    from . import pytorch
+except ImportError:
+    pass
+'''
+
+
+def test_transformer_engine_whose_torch_extension_fails_to_load_is_not_used(tmp_path, monkeypatch, capsys):
+    """A TE built against another torch: ``import transformer_engine`` works, ``transformer_engine.pytorch`` does not.
+    The GPU spec must not be chosen, and the reason is said (a fake TE package on a pretend CUDA host)."""
+    from megatron_dapo.actor import model
+
+    package = tmp_path / "transformer_engine"
+    (package / "pytorch").mkdir(parents=True)
+    (package / "__init__.py").write_text(BROKEN_TE_INIT)
+    (package / "pytorch" / "__init__.py").write_text(
+        "raise ImportError('transformer_engine_torch.so: undefined symbol: _ZN3c104cuda9SetDeviceEi')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("transformer_engine", "transformer_engine.pytorch"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    model.transformer_engine_unavailable_reason.cache_clear()
+    try:
+        import transformer_engine  # noqa: F401  (the trap: this import succeeds)
+
+        assert not model.transformer_engine_available()
+        assert "undefined symbol" in model.transformer_engine_unavailable_reason()
+        assert "Transformer Engine is not usable" in capsys.readouterr().err
+    finally:
+        model.transformer_engine_unavailable_reason.cache_clear()
+        for name in ("transformer_engine", "transformer_engine.pytorch"):
+            sys.modules.pop(name, None)
