@@ -5,7 +5,8 @@ import os
 from setuptools import find_packages, setup
 
 # CPU hosts (and CI) use the CPU build of torch 2.13.0. GPU hosts running SGLang 0.5.23 need the CUDA
-# torch it pins: set MEGATRON_DAPO_TORCH_VERSION=2.14.1 when installing with the `gpu` extra. Everything else
+# torch it pins: scripts/install_gpu.sh sets MEGATRON_DAPO_TORCH_VERSION=2.14.1 and pins it in build environments
+# too (Transformer Engine compiles against whatever torch its build environment has). Everything else
 # is pinned once for both: transformers/tokenizers at the versions SGLang 0.5.23 pins.
 TORCH_VERSION = os.environ.get("MEGATRON_DAPO_TORCH_VERSION", "2.13.0")
 
