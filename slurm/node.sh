@@ -16,7 +16,9 @@ if [[ "$SLURM_NODEID" == 0 ]]; then
   is_host=1 local_addr="$HEAD_ADDR"
 else
   is_host=0 local_addr=""
-  [[ -z "${GLOO_SOCKET_IFNAME:-}" ]] || local_addr=$(ip -4 -o addr show dev "${GLOO_SOCKET_IFNAME%%,*}" | awk '{split($4, a, "/"); print a[1]; exit}')
+  # its address on the gloo interface; none found (no `ip` in the container, say): torchrun's getfqdn()
+  [[ -z "${GLOO_SOCKET_IFNAME:-}" ]] || local_addr=$(ip -4 -o addr show dev "${GLOO_SOCKET_IFNAME%%,*}" 2>/dev/null \
+    | awk '{split($4, a, "/"); print a[1]; exit}') || local_addr=
 fi
 torchrun_args=(--nnodes "$SLURM_JOB_NUM_NODES" --nproc-per-node "$NPROC_PER_NODE"
   --rdzv-backend c10d --rdzv-endpoint "$HEAD_ADDR:$MASTER_PORT" --rdzv-id "$SLURM_JOB_ID" --rdzv-conf "is_host=$is_host")
