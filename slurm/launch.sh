@@ -8,8 +8,9 @@
 #
 # Environment (defaults in brackets): CONFIG [set by the .sbatch], NPROC_PER_NODE [GPUs on the node, else 8],
 # LOG_DIR [<repo>/logs], MASTER_PORT [20000 + job id % 10000], HEAD_ADDR [resolved below], CONTAINER_IMAGE and
-# CONTAINER_MOUNTS [none: run on the host; set: pyxis --container-image/--container-mounts], and the NCCL/CUDA
-# variables of slurm/env.sh (NCCL_IB_HCA, NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME, ...).
+# CONTAINER_MOUNTS [none: run on the host; set: pyxis --container-image/--container-mounts, which must mount the
+# repository, LOG_DIR and the config's data, model and output folders at their own paths: checked below], and the
+# NCCL/CUDA variables of slurm/env.sh (NCCL_IB_HCA, NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME, ...).
 set -euo pipefail
 
 REPO="${MEGATRON_DAPO_ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}"
@@ -20,7 +21,41 @@ export CONFIG
 export NPROC_PER_NODE="${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}"
 (( NPROC_PER_NODE > 0 )) || { echo "launch.sh: no GPUs on the node: set NPROC_PER_NODE (processes per node)" >&2; exit 2; }
 RESTART="${SLURM_RESTART_COUNT:-0}"  # unset on the first run
-LOG_DIR="${LOG_DIR:-$REPO/logs}/$SLURM_JOB_ID"
+LOG_ROOT="${LOG_DIR:-$REPO/logs}"
+
+# In a container the job sees only what CONTAINER_MOUNTS mounts, and every path (the repository it runs in
+# place, logs, the config's files) must be the same inside: a missing one fails on every node after the queue.
+mounted() {  # PATH: under a mount src[:dst[:flags]] whose dst is src
+  local spec src dst
+  local -a specs
+  IFS=, read -ra specs <<<"$CONTAINER_MOUNTS"
+  for spec in "${specs[@]}"; do
+    IFS=: read -r src dst _ <<<"$spec"
+    [[ "${dst:-$src}" == "$src" ]] || continue
+    src="${src%/}"
+    [[ "$1" == "$src" || "$1" == "$src/"* ]] && return 0
+  done
+  return 1
+}
+if [[ -n "${CONTAINER_IMAGE:-}" ]]; then
+  CONTAINER_MOUNTS="${CONTAINER_MOUNTS:-}"
+  # The config's paths, with the overrides, as the trainer resolves them (relative: from the repository)
+  config_paths=$(PYTHONPATH="$REPO" python3 -c 'import os, sys
+from megatron_dapo.config import load_config
+c = load_config(sys.argv[1], sys.argv[2:])
+for key, path in [("model.hf_path", c.model.hf_path), ("trainer.output_dir", c.trainer.output_dir),
+                  ("trainer.save_dir", c.trainer.save_dir)] + [("data.train_files", f) for f in c.data.train_files] \
+                 + [("data.val_files", f) for f in c.data.val_files]:
+    if path:
+        print(key, os.path.abspath(path))' "$CONFIG" "$@" 2>/dev/null) \
+    || { echo "launch.sh: could not read the data and checkpoint paths of $CONFIG on this host (no python3 with the project): check that CONTAINER_MOUNTS mounts them" >&2; config_paths=""; }
+  while read -r what path; do
+    [[ -z "$path" ]] || mounted "$path" \
+      || { echo "launch.sh: CONTAINER_MOUNTS=$CONTAINER_MOUNTS does not mount $path ($what): add $path:$path (the job uses the same paths inside the container)" >&2; exit 2; }
+  done < <(printf 'repository %s\nLOG_DIR %s\n%s\n' "$REPO" "$LOG_ROOT" "$config_paths")
+fi
+
+LOG_DIR="$LOG_ROOT/$SLURM_JOB_ID"
 mkdir -p "$LOG_DIR"
 LOG="$LOG_DIR/restart-$RESTART.log"  # one file per run: a requeue never overwrites a log
 export MEGATRON_DAPO_REQUEUE_MARKER="$LOG_DIR/requeue-after-restart-$RESTART"
@@ -33,13 +68,15 @@ warn() { echo "launch.sh: $1 received: the trainer checkpoints at the next step 
 trap 'warn USR1' USR1
 trap 'warn TERM' TERM
 
-source "$REPO/slurm/env.sh"  # NCCL/CUDA variables, documented there
-
 source "$REPO/slurm/head_address.sh"
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 HEAD_ADDR="${HEAD_ADDR:-$(head_address "$HEAD_NODE")}"
 export HEAD_ADDR
+# 20000-29999: the rendezvous store; SGLang's ports stay out of this range
 export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}"
+
+# NCCL/CUDA variables, documented there; the gloo/NCCL interface from HEAD_ADDR (this shell runs on the head node)
+source "$REPO/slurm/env.sh" >>"$LOG"
 
 container=()
 if [[ -n "${CONTAINER_IMAGE:-}" ]]; then

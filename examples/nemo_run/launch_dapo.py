@@ -46,7 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _executor(args: argparse.Namespace):
+def _executor(args: argparse.Namespace, config: str):
+    """Slurm: no NeMo-Run launcher but slurm/node.sh on each node, the sbatch template's launch line. NeMo-Run's
+    torchrun launcher (nemo_run 0.11.1 run/torchx_backend/components/torchrun.py:126-175) writes
+    ``--node-rank $SLURM_NODEID`` into the batch script, where the batch shell expands it (0 on every node), and
+    has no way to pass ``--rdzv-conf is_host`` or ``--local-addr``, so torchrun's guess of the rendezvous host
+    fails as slurm/node.sh explains."""
     import nemo_run as run
 
     if args.executor == "local":
@@ -58,18 +63,21 @@ def _executor(args: argparse.Namespace):
         account=args.account,
         partition=args.partition,
         nodes=args.nodes,
-        ntasks_per_node=args.nproc_per_node or args.gpus_per_node,  # with torchrun: processes per node
+        ntasks_per_node=1,  # slurm/node.sh on each node starts torchrun's processes
         gpus_per_node=args.gpus_per_node,
+        env_vars={"CONFIG": config, "NPROC_PER_NODE": str(args.nproc_per_node or args.gpus_per_node)},
         container_image=args.container_image,
         container_mounts=args.container_mounts.split(",") if args.container_mounts else [],
         time=args.time,
         tunnel=run.LocalTunnel(job_dir=str(home / "experiments")),
         packager=run.Packager(),  # the repository runs in place; no git archive of committed code
-        launcher="torchrun",
         retries=args.retries,
-        # NeMo-Run's script has just set head_node_ip from `hostname --ip-address` (127.0.1.1 on Debian hosts)
-        setup_lines=f"source {REPO}/slurm/env.sh\nsource {REPO}/slurm/head_address.sh\n"
-        'head_node_ip=$(head_address "$head_node")',
+        # The batch shell (on the head node) sets what slurm/node.sh reads, as slurm/launch.sh does; NeMo-Run's own
+        # head_node_ip comes from `hostname --ip-address` (127.0.1.1 on Debian hosts) and is not used.
+        setup_lines=f"source {REPO}/slurm/head_address.sh\n"
+        'export HEAD_ADDR="${HEAD_ADDR:-$(head_address "$head_node")}"\n'
+        'export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}"\n'
+        f"source {REPO}/slurm/env.sh",
         additional_parameters={"exclusive": True},
     )
 
@@ -91,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # torchrun
     config = str(Path(args.config).resolve())
     # python -m: running megatron_dapo/__main__.py by path would put the package folder first on sys.path
-    script = run.Script(path="megatron_dapo", m=True, entrypoint="python", args=["train", "--config", config, *args.overrides])
-    with run.Experiment(f"dapo-{Path(args.config).stem}", executor=_executor(args), log_level="WARNING") as experiment:
+    if args.executor == "local":
+        script = run.Script(path="megatron_dapo", m=True, entrypoint="python", args=["train", "--config", config, *args.overrides])
+    else:  # node.sh reads CONFIG from the executor's environment
+        script = run.Script(path=str(REPO / "slurm" / "node.sh"), entrypoint="bash", args=list(args.overrides))
+    with run.Experiment(f"dapo-{Path(args.config).stem}", executor=_executor(args, config), log_level="WARNING") as experiment:
         experiment.add(script, name="dapo", tail_logs=False)
         if args.dryrun:
             experiment.dryrun(log=True)

@@ -40,8 +40,10 @@ def test_slurm_dry_run_prints_the_h800_job(tmp_path):
     for line in ("#SBATCH --nodes=16", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --account=acct", "#SBATCH --partition=batch", "#SBATCH --exclusive"):
         assert line in script, line
-    assert "--nproc-per-node 8" in script and "--nnodes 16" in script  # torchrun: 8 processes on each of 16 nodes
+    assert "export NPROC_PER_NODE=8" in script  # slurm/node.sh's torchrun: 8 processes on each of 16 nodes
+    assert f"export CONFIG={ROOT}/examples/configs/qwen2.5_32b_dapo.yaml" in script
     assert "--container-image nvcr.io/example/dapo:1" in script and "/data:/data" in script
-    assert "slurm/env.sh" in script and "-m megatron_dapo train --config" in script
-    assert 'head_node_ip=$(head_address "$head_node")' in script  # not `hostname --ip-address`
-    assert "trainer.max_steps=10" in script
+    assert "slurm/env.sh" in script
+    # the sbatch template's rendezvous (node 0 hosts it), not NeMo-Run's torchrun line with `hostname --ip-address`
+    assert 'export HEAD_ADDR="${HEAD_ADDR:-$(head_address "$head_node")}"' in script
+    assert f"bash {ROOT}/slurm/node.sh trainer.max_steps=10" in " ".join(script.split())

@@ -2,7 +2,13 @@
 packages, scripts/local_slurm.sh): the CPU form of ``sbatch slurm/dapo_32b.sbatch``, a job stopped by the
 time-limit signal that requeues itself and resumes to the uninterrupted run's metrics, and NeMo-Run's Slurm
 executor. When the cluster cannot be brought up (not root, no packages and no package index), the tests say why
-they skip."""
+they skip.
+
+The multi-node launch lines without Slurm: two torchrun agents ("nodes") started by slurm/node.sh inside a network
+namespace of the test's own, whose head address (192.0.2.77, a documentation address on an interface of that
+namespace) is not what the host name resolves to, as on a cluster with GLOO_SOCKET_IFNAME or Debian's 127.0.1.1;
+slurm/env.sh's interface derivation there; launch.sh's check of pyxis CONTAINER_MOUNTS. Tests send traffic only
+inside that namespace."""
 
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from ..helpers import ROOT
+from ..helpers import ROOT, TOY_CONFIG
 
 pytestmark = pytest.mark.slow
 
@@ -121,3 +127,89 @@ def test_nemo_run_submits_the_toy_to_slurm(slurm, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "COMPLETED exit 0:0" in result.stdout
     assert [row["step"] for row in _rows(out)] == [0, 1, 2]
+
+
+HEAD = "192.0.2.77"  # TEST-NET-1: only ever on the namespace's own interface d0
+# A veth pair (d0, d1): this kernel may lack the dummy interface type.
+NAMESPACE = f"""ip link set lo up && ip link add d0 type veth peer name d1 && ip addr add {HEAD}/24 dev d0 \\
+  && ip link set d1 up && ip link set d0 up || exit 90
+"""
+
+
+def _in_namespace(script: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """``script`` (bash) in new network and PID namespaces: on a timeout, killing ``unshare`` kills its child, the
+    PID namespace's init, and with it every process inside (torchrun starts its workers in sessions of their own)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
+        pytest.skip("a network namespace of the test's own needs root, unshare and ip")
+    command = ["unshare", "--net", "--pid", "--fork", "--kill-child", "bash", "-c", NAMESPACE + script]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, _ = process.communicate()
+        out += f"\n[test: killed after {timeout} s]"
+        process.returncode = 124
+    if process.returncode == 90:
+        pytest.skip(f"could not set up a network namespace with a veth interface: {out.strip()[-300:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, out, "")
+
+
+def _no_interface_settings() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "HEAD_ADDR")}
+
+
+def test_env_sh_derives_the_interface_of_the_head_address():
+    """Gloo and NCCL default to the interface that holds the head address; a value already set is kept."""
+    script = f"""export HEAD_ADDR={HEAD}
+(source slurm/env.sh; echo "derived $GLOO_SOCKET_IFNAME $NCCL_SOCKET_IFNAME")
+(export GLOO_SOCKET_IFNAME=ib0; source slurm/env.sh; echo "kept $GLOO_SOCKET_IFNAME $NCCL_SOCKET_IFNAME")
+"""
+    result = _in_namespace(script, _no_interface_settings(), timeout=60)
+    assert result.returncode == 0, result.stdout
+    lines = result.stdout.splitlines()
+    assert "derived d0 d0" in lines and "kept ib0 d0" in lines, result.stdout
+    assert f"env.sh: GLOO_SOCKET_IFNAME=d0 (the interface of the head address {HEAD})" in lines  # says so
+
+
+def test_two_nodes_rendezvous_on_a_head_address_that_is_not_the_host_name(tmp_path):
+    """slurm/node.sh on "node 0" and "node 1" (the Slurm variables each srun task gets), the toy for one step.
+
+    torchrun left to guess finds that neither agent's host name resolves to the head address, so neither hosts the
+    rendezvous store and both time out connecting to it."""
+    out = tmp_path / "run"
+    args = ["trainer.max_steps=1", "toy_model.sft_steps=0", "algorithm.dynamic_sampling=false", "data.toy_num_val=1",
+            "rollout.val_n=1", "trainer.export_hf=false", "logging.progress_bar=false", f"trainer.output_dir={out}"]
+    env = dict(_no_interface_settings(), SLURM_JOB_NUM_NODES="2", SLURM_JOB_ID="4242", HEAD_ADDR=HEAD,
+               MASTER_PORT="24242", NPROC_PER_NODE="1", CONFIG=str(TOY_CONFIG))
+    script = f"""source slurm/env.sh
+SLURM_NODEID=0 bash slurm/node.sh {" ".join(args)} >{tmp_path}/node0.log 2>&1 & node0=$!
+SLURM_NODEID=1 bash slurm/node.sh {" ".join(args)} >{tmp_path}/node1.log 2>&1 & node1=$!
+wait $node0; status0=$?; wait $node1; status1=$?
+echo "node 0 exit $status0, node 1 exit $status1"; exit $((status0 | status1))
+"""
+    result = _in_namespace(script, env, timeout=300)
+    logs = {node: (tmp_path / f"node{node}.log").read_text()[-2000:] for node in (0, 1) if (tmp_path / f"node{node}.log").exists()}
+    assert result.returncode == 0, (result.stdout, logs)
+    assert [row["step"] for row in _rows(out)] == [0, 1]
+
+
+@pytest.mark.parametrize("mounts, missing", [
+    ("{logs}:{logs}", "{repo} (repository)"),
+    ("{repo}:{repo}", "{logs} (LOG_DIR)"),
+    ("{repo}:/workspace,{logs}:{logs}", "{repo} (repository)"),  # mounted elsewhere: the job runs it by its path
+    ("{repo}:{repo},{logs}:{logs}", "/elsewhere/run (trainer.output_dir)"),
+])
+def test_launch_sh_refuses_container_mounts_that_miss_a_path_of_the_job(tmp_path, mounts, missing):
+    logs = tmp_path / "logs"
+    names = dict(repo=ROOT, logs=logs)
+    env = dict(os.environ, CONFIG=str(TOY_CONFIG), SLURM_JOB_ID="7", LOG_DIR=str(logs), NPROC_PER_NODE="1",
+               CONTAINER_IMAGE="nvcr.io/example/dapo:1", CONTAINER_MOUNTS=mounts.format(**names))
+    result = subprocess.run(["bash", "slurm/launch.sh", "trainer.output_dir=/elsewhere/run"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    path = missing.format(**names).split(" (")[0]
+    assert result.stderr.splitlines() == [
+        f"launch.sh: CONTAINER_MOUNTS={env['CONTAINER_MOUNTS']} does not mount {missing.format(**names)}: add "
+        f"{path}:{path} (the job uses the same paths inside the container)"]
+    assert not logs.exists()  # nothing written before the refusal
