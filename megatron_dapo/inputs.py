@@ -93,6 +93,10 @@ def fit_prompts(
             continue
         kept.append(record)
     dropped = len(records) - len(kept)
+    if records and not kept:
+        raise PromptTooLongError(
+            f"{what}: all {dropped} prompts are longer than data.max_prompt_length={data.max_prompt_length}; raise it"
+        )
     if dropped and is_rank_zero():
         print(f"data: {what}: dropped {dropped} of {len(records)} prompts longer than data.max_prompt_length="
               f"{data.max_prompt_length} (data.overlong_prompt=drop)", flush=True)
