@@ -167,6 +167,8 @@ def test_weights_with_nan_or_inf_are_refused_naming_the_tensor(megatron_world, t
 
     make_tiny_qwen2(tmp_path / "clean", tied=False)
     actor = build_actor(_config(), str(tmp_path / "clean"))
+    batch = _random_batch(seed=1)
+    actor.train_step({**batch, "old_logprobs": actor.compute_logprobs(batch, 1.0)[0]})  # Adam state to save
     weight = dict(unwrap(actor.model_chunks[0]).named_parameters())["decoder.final_layernorm.weight"]
     clean = weight.detach().clone()
     with torch.no_grad():
