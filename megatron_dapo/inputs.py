@@ -60,7 +60,7 @@ def check_model_fits_layout(config: DapoConfig) -> None:
 
 
 class PromptTooLongError(ConfigError):
-    """A prompt does not fit ``data.max_prompt_length`` or the model's positions; the message names the row."""
+    """A prompt does not fit ``data.max_prompt_length`` or the model's positions; the message names the prompt."""
 
 
 def fit_prompts(

@@ -42,15 +42,18 @@ def _pid_alive(pid: int) -> bool:
 
 
 class OutputLock:
-    """``output_dir/.megatron-dapo.lock`` holding ``<host> <pid>`` of the run that owns the folder."""
+    """``output_dir/.megatron-dapo.lock`` holding ``<host> <pid> <Slurm job id or ->`` of the run that owns the
+    folder."""
 
     def __init__(self, output_dir: str | Path) -> None:
-        """Take the lock, or raise ``OutputDirError`` naming the live owner; a stale lock (its pid dead on this
-        host) is taken over with a one-line notice. The file appears complete or not at all (``os.link``)."""
+        """Take the lock, or raise ``OutputDirError`` naming the live owner. A stale lock is taken over with a
+        one-line notice: its pid is dead on this host, or it is this Slurm job's (a requeued job restarts, maybe
+        on another node, only once its earlier run has ended). The file appears complete or not at all
+        (``os.link``)."""
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.path = out / LOCK_FILE
-        self.owner = f"{socket.gethostname()} {os.getpid()}"
+        self.owner = f"{socket.gethostname()} {os.getpid()} {os.environ.get('SLURM_JOB_ID') or '-'}"
         staged = out / f"{LOCK_FILE}.{os.getpid()}"
         staged.write_text(self.owner + "\n")
         try:
@@ -65,13 +68,15 @@ class OutputLock:
 
     def _take_over_if_stale(self, out: Path) -> None:
         try:
-            host, pid = self.path.read_text().split()
+            fields = self.path.read_text().split()
         except FileNotFoundError:  # released meanwhile: try again
             return
-        except ValueError:
-            host, pid = "?", "?"
-        if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
-            print(f"output: {self.path}: taking over the stale lock of pid {pid} on {host} (no such process)", flush=True)
+        host, pid, job = (fields + ["?", "?", "-"][len(fields):])[:3]
+        dead = host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
+        requeued = job != "-" and job == os.environ.get("SLURM_JOB_ID")
+        if dead or requeued:
+            why = "no such process" if dead else f"an earlier run of Slurm job {job}"
+            print(f"output: {self.path}: taking over the stale lock of pid {pid} on {host} ({why})", flush=True)
             self.path.unlink(missing_ok=True)
             return
         raise OutputDirError(

@@ -54,7 +54,7 @@ def test_refused_runs_leave_the_output_dir_byte_identical_and_overwrite_starts_o
     # a live run holds the folder: the second stops at once
     holder = subprocess.Popen(["sleep", "300"])
     try:
-        (out / ".megatron-dapo.lock").write_text(f"{socket.gethostname()} {holder.pid}\n")
+        (out / ".megatron-dapo.lock").write_text(f"{socket.gethostname()} {holder.pid} -\n")
         held = before | {".megatron-dapo.lock": _digest(out)[".megatron-dapo.lock"]}
         busy = run_cli(f"trainer.output_dir={out}", *SMALL)
         _one_line_refusal(busy, f"is in use by the run of pid {holder.pid}")

@@ -18,7 +18,7 @@ def _toy_config(**changes):
 
 def test_lock_holds_host_and_pid_and_a_second_owner_is_refused(tmp_path):
     lock = OutputLock(tmp_path)
-    assert (tmp_path / LOCK_FILE).read_text().split() == [socket.gethostname(), str(os.getpid())]
+    assert (tmp_path / LOCK_FILE).read_text().split() == [socket.gethostname(), str(os.getpid()), "-"]
     with pytest.raises(OutputDirError, match=f"in use by the run of pid {os.getpid()} on host"):
         OutputLock(tmp_path)
     lock.release()
@@ -28,17 +28,20 @@ def test_lock_holds_host_and_pid_and_a_second_owner_is_refused(tmp_path):
 
 def test_a_stale_lock_is_taken_over_with_a_notice(tmp_path, capsys):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (tmp_path / LOCK_FILE).write_text(f"{socket.gethostname()} {dead.stdout.strip()}\n")
+    (tmp_path / LOCK_FILE).write_text(f"{socket.gethostname()} {dead.stdout.strip()} -\n")
     lock = OutputLock(tmp_path)
     assert f"taking over the stale lock of pid {dead.stdout.strip()}" in capsys.readouterr().out
     assert (tmp_path / LOCK_FILE).read_text().split()[1] == str(os.getpid())
     lock.release()
 
 
-def test_a_lock_of_another_host_is_not_taken_over(tmp_path):
-    (tmp_path / LOCK_FILE).write_text("some-other-host 1\n")
+def test_a_lock_of_another_host_is_not_taken_over_unless_it_is_this_slurm_jobs(tmp_path, monkeypatch, capsys):
+    (tmp_path / LOCK_FILE).write_text("some-other-host 1 77\n")
     with pytest.raises(OutputDirError, match="pid 1 on host some-other-host"):
         OutputLock(tmp_path)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")  # the job requeued onto another node
+    OutputLock(tmp_path).release()
+    assert "taking over the stale lock of pid 1 on some-other-host (an earlier run of Slurm job 77)" in capsys.readouterr().out
 
 
 def test_another_runs_output_without_checkpoint_is_refused_and_kept(tmp_path):
