@@ -148,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_dapo.distributed import is_rank_zero
 
     try:
+        if args.command == "train" and args.config is None:
+            raise ConfigError(
+                "train needs --config FILE, e.g. --config examples/configs/toy_cpu.yaml (the built-in defaults are "
+                "the paper's 32B batch sizes on the toy model; `megatron-dapo config` lists them)"
+            )
         config = load_config(args.config, args.overrides)
         if args.command == "config":
             print("\n".join(describe_options(config)))

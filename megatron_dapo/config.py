@@ -93,6 +93,14 @@ class DataConfig:
     deduplicate: bool = option(
         True, "drop repeated rows (same prompt messages and ground truth; the first is kept) of train and val files"
     )
+    max_prompt_length: int | None = option(
+        None, "longest prompt in tokens (chat template applied); + rollout.max_response_length must fit the model's "
+        "max_position_embeddings; null: the data's longest prompt must fit"
+    )
+    overlong_prompt: Literal["refuse", "drop"] = option(
+        "refuse", "prompts longer than max_prompt_length: refuse (stop, naming the row) | drop (counted in the "
+        "metric data/dropped_long_prompts)"
+    )
 
 
 @dataclass
@@ -172,6 +180,10 @@ class TrainerConfig:
     save_dir: str | None = option(None, "checkpoint folder; default output_dir/checkpoints")
     keep_last: int = option(0, "keep only this many latest checkpoints (0: keep all)")
     resume: bool = option(True, "continue from save_dir's latest checkpoint when there is one")
+    overwrite: bool = option(
+        False, "start over in an output_dir that holds another run's output and no checkpoint to resume: removes "
+        "its metrics.jsonl, config.yaml, report.png, hf_final/, hf/, tensorboard/, rollouts/ and save_dir's checkpoints"
+    )
     eval_interval: int = option(
         0, "evaluate the validation problems every this many steps, besides before the first and after the last"
     )
@@ -287,12 +299,12 @@ _AT_LEAST_ONE = (
 )
 _NON_NEGATIVE = (
     "trainer.max_steps", "trainer.save_interval", "trainer.export_hf_interval", "trainer.keep_last",
-    "trainer.eval_interval", "optimizer.lr", "optimizer.min_lr",
+    "trainer.eval_interval", "optimizer.min_lr",
     "optimizer.lr_warmup_steps", "optimizer.weight_decay", "algorithm.kl_coef", "algorithm.overlong_penalty_factor",
     "rollout.weight_sync_bucket_mb", "rollout.groups_in_flight", "reward.num_workers", "toy_model.sft_steps",
     "data.toy_num_val", "logging.rollout_dump_interval",
 )
-_POSITIVE = ("rollout.temperature", "rollout.val_temperature", "optimizer.clip_grad", "optimizer.adam_eps")
+_POSITIVE = ("optimizer.lr", "rollout.temperature", "rollout.val_temperature", "optimizer.clip_grad", "optimizer.adam_eps")
 _UNIT_INTERVAL = ("rollout.top_p", "rollout.val_top_p", "rollout.sglang_mem_fraction")  # (0, 1]
 _SHARES = ("toy_model.sft_answer_noise", "toy_model.sft_step_error", "toy_model.sft_ramble", "toy_model.sft_loop")
 
@@ -332,6 +344,14 @@ def _validate_ranges(config: DapoConfig) -> None:
             f"algorithm.clip_ratio_low={alg.clip_ratio_low} must be in [0, 1) and algorithm.clip_ratio_high="
             f"{alg.clip_ratio_high} >= 0 (the paper: 0.2 and 0.28)"
         )
+    if alg.clip_ratio_high < alg.clip_ratio_low:
+        raise ConfigError(
+            f"algorithm.clip_ratio_high={alg.clip_ratio_high} < algorithm.clip_ratio_low={alg.clip_ratio_low}: the "
+            "upper clip must be at least the lower one (Clip-Higher: 0.28 vs 0.2); swap or raise clip_ratio_high"
+        )
+    max_prompt = config.data.max_prompt_length
+    if max_prompt is not None and max_prompt < 1:
+        raise ConfigError(f"data.max_prompt_length={max_prompt} must be at least 1, or null")
     if alg.clip_ratio_c is not None and alg.clip_ratio_c <= 1:
         raise ConfigError(f"algorithm.clip_ratio_c={alg.clip_ratio_c} must be > 1 (the reference uses 10), or null to disable")
     if alg.tis_cap is not None and alg.tis_cap <= 0:

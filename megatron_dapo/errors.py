@@ -18,6 +18,10 @@ class CheckpointMismatchError(UserError, ValueError):
     """Weights or a checkpoint do not fit the model being built (missing tensors, other shapes or config)."""
 
 
+class NonFiniteWeightsError(UserError, ValueError):
+    """Loaded weights hold NaN or Inf: every log-prob, loss and update computed from them would be NaN."""
+
+
 class CheckpointNotFoundError(UserError, FileNotFoundError):
     """A path given as a checkpoint holds none."""
 

@@ -13,6 +13,7 @@ from megatron_dapo.data import PromptRecord, find_duplicates, load_prompt_files,
 from megatron_dapo.distributed import is_rank_zero, run_on_rank_zero
 from megatron_dapo.errors import ConfigError
 from megatron_dapo.model_config import validate_hf_config
+from megatron_dapo.rollout.collect import encode_prompt
 from megatron_dapo.toy import build_toy_checkpoint, build_toy_tokenizer, toy_hf_config
 
 
@@ -39,14 +40,67 @@ def model_hf_config(config: DapoConfig) -> PretrainedConfig:
 
 
 def check_model_fits_layout(config: DapoConfig) -> None:
-    """Refuse a model the parallel layout cannot shard (heads vs TP, layers vs PP), before any work starts."""
+    """Refuse a model the parallel layout cannot shard (heads vs TP, layers vs PP) or whose positions cannot hold
+    ``data.max_prompt_length`` + ``rollout.max_response_length`` tokens, before any work starts."""
     par = config.parallel
+    hf_config = model_hf_config(config)
     validate_hf_config(
-        model_hf_config(config),
+        hf_config,
         par.tensor_model_parallel_size,
         par.pipeline_model_parallel_size,
         par.virtual_pipeline_model_parallel_size,
     )
+    max_prompt, max_response = config.data.max_prompt_length, config.rollout.max_response_length
+    if max_prompt is not None and max_prompt + max_response > hf_config.max_position_embeddings:
+        raise ConfigError(
+            f"data.max_prompt_length={max_prompt} + rollout.max_response_length={max_response} = "
+            f"{max_prompt + max_response} tokens exceeds max_position_embeddings={hf_config.max_position_embeddings} "
+            "of the model; lower either"
+        )
+
+
+class PromptTooLongError(ConfigError):
+    """A prompt does not fit ``data.max_prompt_length`` or the model's positions; the message names the prompt."""
+
+
+def fit_prompts(
+    records: list[PromptRecord], tokenizer: PreTrainedTokenizerBase, config: DapoConfig, max_positions: int, what: str
+) -> tuple[list[PromptRecord], int]:
+    """The records whose prompt (chat template applied) fits, and how many were dropped.
+
+    A prompt longer than ``data.max_prompt_length`` is refused or dropped (``data.overlong_prompt``); without
+    that limit, one that leaves fewer than ``rollout.max_response_length`` positions of the model is refused: the
+    engine would fail on it mid-run, after hours of work.
+    """
+    data, max_response = config.data, config.rollout.max_response_length
+    kept = []
+    for index, record in enumerate(records):
+        length = len(encode_prompt(tokenizer, record))
+        where = f"{what}: prompt {index} ({record.messages[-1].get('content', '')[:40]!r}...)"
+        if data.max_prompt_length is None:
+            if length + max_response > max_positions:
+                raise PromptTooLongError(
+                    f"{where} has {length} tokens; + rollout.max_response_length={max_response} "
+                    f"exceeds max_position_embeddings={max_positions}: set data.max_prompt_length (with "
+                    "data.overlong_prompt=drop to skip such prompts) or lower rollout.max_response_length"
+                )
+        elif length > data.max_prompt_length:
+            if data.overlong_prompt == "refuse":
+                raise PromptTooLongError(
+                    f"{where} has {length} tokens > data.max_prompt_length={data.max_prompt_length}; "
+                    "raise it or set data.overlong_prompt=drop"
+                )
+            continue
+        kept.append(record)
+    dropped = len(records) - len(kept)
+    if records and not kept:
+        raise PromptTooLongError(
+            f"{what}: all {dropped} prompts are longer than data.max_prompt_length={data.max_prompt_length}; raise it"
+        )
+    if dropped and is_rank_zero():
+        print(f"data: {what}: dropped {dropped} of {len(records)} prompts longer than data.max_prompt_length="
+              f"{data.max_prompt_length} (data.overlong_prompt=drop)", flush=True)
+    return kept, dropped
 
 
 def validation_files(config: DapoConfig) -> list[str]:
@@ -60,15 +114,20 @@ def validation_files(config: DapoConfig) -> list[str]:
     return [str(write_toy_dataset(path, data.toy_num_val, data.toy_seed + 1, data.toy_task))]
 
 
+def write_run_config(config: DapoConfig) -> None:
+    """The run's whole config as ``output_dir/config.yaml``, for reading what a run used."""
+    out = Path(config.trainer.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
 def prepare_inputs(config: DapoConfig) -> tuple[str, list[str], list[str]]:
-    """The HF model folder and the train/validation files (collective: rank 0 creates the toy ones and writes
-    the run's whole config to ``output_dir/config.yaml``, for reading what a run used)."""
+    """The HF model folder and the train/validation files (collective: rank 0 creates the toy ones)."""
     out = Path(config.trainer.output_dir)
     hf_dir = config.model.hf_path or str(out / "toy_init")
 
     def create() -> tuple[list[str], list[str]]:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
         data = config.data
         train_files = list(data.train_files)
         if not train_files:

@@ -61,16 +61,24 @@ class ReportError(UserError, ValueError):
 
 
 def read_metrics(path: str | Path) -> dict[int, dict[str, float]]:
-    """Numeric metrics by step from a ``metrics.jsonl`` (rows of one step merged, unreadable lines skipped)."""
+    """Numeric metrics by step from a ``metrics.jsonl`` (rows of one step merged).
+
+    Only a last line without its newline is skipped (the one a running trainer is writing); any other line that
+    is not JSON is refused, naming file and line: a silently shortened curve would look like a real one.
+    """
     path = Path(path)
     if not path.is_file():
         raise ReportError(f"{path} not found: pass the trainer.output_dir of a run that has logged a step")
     by_step: dict[int, dict[str, float]] = {}
-    for line in path.read_text().splitlines():
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()
+    for number, line in enumerate(lines, start=1):
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:  # the line a running trainer is writing
-            continue
+        except json.JSONDecodeError as error:
+            raise ReportError(f"{path}: line {number} is not JSON ({error.msg}); remove or repair that line") from None
         if not isinstance(row, dict) or not isinstance(row.get("step"), int):
             continue
         values = {

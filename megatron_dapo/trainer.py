@@ -33,8 +33,17 @@ from megatron_dapo.distributed import (
     run_on_rank_zero,
 )
 from megatron_dapo.evaluation import EvalSummary, summarize
-from megatron_dapo.inputs import check_model_fits_layout, load_prompts, load_tokenizer, prepare_inputs
+from megatron_dapo.inputs import (
+    check_model_fits_layout,
+    fit_prompts,
+    load_prompts,
+    load_tokenizer,
+    model_hf_config,
+    prepare_inputs,
+    write_run_config,
+)
 from megatron_dapo.metrics import MetricsLogger, timed
+from megatron_dapo.output_dir import OutputLock, claim_output_dir
 from megatron_dapo.preemption import Preempted, StopRequests
 from megatron_dapo.report import write_report
 from megatron_dapo.reward import RewardScorer
@@ -42,6 +51,10 @@ from megatron_dapo.rollout.collect import JobRollout, StepRollout
 from megatron_dapo.rollout.dump import rollout_dump_rows, write_rollout_dump
 from megatron_dapo.rollout.factory import EnginePlacement, build_rollout_engine, engine_class
 from megatron_dapo.weights.sync import export_hf, sync_weights
+
+
+def _save_dir(config: DapoConfig) -> Path:
+    return Path(config.trainer.save_dir or Path(config.trainer.output_dir) / "checkpoints")
 
 
 class Job:
@@ -53,8 +66,15 @@ class Job:
         self.config = config
         self.hf_dir, train_files, val_files = prepare_inputs(config)
         self.tokenizer = load_tokenizer(self.hf_dir)
-        self.train_records = load_prompts(train_files, config.data.deduplicate)
-        self.val_records = load_prompts(val_files, config.data.deduplicate) if val_files else []
+        max_positions = model_hf_config(config).max_position_embeddings
+        self.train_records, dropped_train = fit_prompts(
+            load_prompts(train_files, config.data.deduplicate), self.tokenizer, config, max_positions, "data.train_files"
+        )
+        self.val_records, dropped_val = fit_prompts(
+            load_prompts(val_files, config.data.deduplicate) if val_files else [], self.tokenizer, config,
+            max_positions, "data.val_files",
+        )
+        self.dropped_long_prompts = dropped_train + dropped_val
         self.sampler = PromptSampler(len(self.train_records), config.trainer.seed)  # one copy per rank, in step
         scorer = RewardScorer(config.reward.function, config.reward.num_workers)
         # Engines start first, on free GPUs (SGLang sizes its KV cache from the memory it finds), and release
@@ -76,7 +96,7 @@ class Job:
         dist.all_gather_object(dp_rank_of, parallel_state.get_data_parallel_rank())
         self.rollout = JobRollout(self.engine, self.placement, self.tokenizer, ro, alg, scorer, config.trainer.seed, dp_rank_of)
         self.bucket_bytes = ro.weight_sync_bucket_mb * 1024**2
-        self.save_dir = Path(config.trainer.save_dir or Path(config.trainer.output_dir) / "checkpoints")
+        self.save_dir = _save_dir(config)
 
     # ------------------------------------------------------------------ the colocated phases (docs/design.md)
     def release_engine(self) -> None:
@@ -209,6 +229,7 @@ def train_step(job: Job, step: int) -> dict[str, float]:
             job.release_engine()
             actor.onload()
         metrics.update(step_rollout.metrics)
+        metrics["data/dropped_long_prompts"] = float(job.dropped_long_prompts)
         dump_interval = job.config.logging.rollout_dump_interval
         if dump_interval > 0 and step % dump_interval == 0:
             job.dump_rollouts(step, step_rollout)
@@ -264,6 +285,17 @@ def train(config: DapoConfig) -> tuple[float | None, float | None]:
     initialize_process_group()
     config.validate(dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
     check_model_fits_layout(config)
+    # the folder's owner is decided before anything is written there (rank 0 decides, every rank follows)
+    lock = run_on_rank_zero(lambda: OutputLock(config.trainer.output_dir), share_result=False)
+    try:
+        run_on_rank_zero(lambda: claim_output_dir(config.trainer, _save_dir(config), model_hf_config(config)))
+        return _train(config)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: DapoConfig) -> tuple[float | None, float | None]:
     par = config.parallel
     initialize_model_parallel(
         par.tensor_model_parallel_size, par.pipeline_model_parallel_size, config.trainer.seed,
@@ -274,6 +306,8 @@ def train(config: DapoConfig) -> tuple[float | None, float | None]:
     job = Job(config)
     first_step = job.restore()
     resumed = first_step > 1
+    # written once the checkpoint is restored: a refused resume leaves the earlier run's config.yaml as it was
+    run_on_rank_zero(lambda: write_run_config(config))
     # rank 0 logs; a sink that cannot start (W&B without credentials) stops every rank with its error
     logger = run_on_rank_zero(lambda: _metrics_logger(config, first_step - 1 if resumed else None), share_result=False)
     before = latest = None

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One node of a slurm/*.sbatch job (an srun task; NeMo-Run's Slurm jobs run it too): torchrun with c10d
-# rendezvous on HEAD_ADDR:MASTER_PORT.
+# rendezvous on HEAD_ADDR:MASTER_PORT, through megatron_dapo/torchrun.py (a user error stays one line).
 #
 # Node 0 hosts the rendezvous store because we say so (is_host), not because torchrun guesses it: left to guess,
 # an agent hosts it only if HEAD_ADDR is what its host name resolves to (torch 2.13
@@ -23,4 +23,4 @@ fi
 torchrun_args=(--nnodes "$SLURM_JOB_NUM_NODES" --nproc-per-node "$NPROC_PER_NODE"
   --rdzv-backend c10d --rdzv-endpoint "$HEAD_ADDR:$MASTER_PORT" --rdzv-id "$SLURM_JOB_ID" --rdzv-conf "is_host=$is_host")
 [[ -z "$local_addr" ]] || torchrun_args+=(--local-addr "$local_addr")
-exec torchrun "${torchrun_args[@]}" -m megatron_dapo train --config "$CONFIG" "$@"
+exec python -m megatron_dapo.torchrun "${torchrun_args[@]}" -m megatron_dapo train --config "$CONFIG" "$@"

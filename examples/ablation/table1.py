@@ -62,9 +62,11 @@ def _run(out: Path, seed: int, row: int, extra: list[str], threads: int) -> Path
         return run_dir
     warm_start = out / f"seed{seed}" / LADDER[0][1] / "toy_init"
     shared = [] if row == 0 else [f"model.hf_path={warm_start}"]
+    # a run without its done file was interrupted: start it over (trainer.overwrite) instead of being refused
     command = [
         sys.executable, "-m", "megatron_dapo", "train", "--config", str(TASK_CONFIG), *row_overrides(row),
-        f"trainer.seed={seed}", f"trainer.output_dir={run_dir}", "logging.progress_bar=false", *shared, *extra,
+        f"trainer.seed={seed}", f"trainer.output_dir={run_dir}", "logging.progress_bar=false", "trainer.overwrite=true",
+        *shared, *extra,
     ]
     run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))

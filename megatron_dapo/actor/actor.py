@@ -44,7 +44,7 @@ from megatron_dapo.ops.dapo_loss import (
     fused_linear_dapo_loss_terms,
     step_loss_metrics,
 )
-from megatron_dapo.weights.transfer import load_hf_checkpoint, unwrap
+from megatron_dapo.weights.transfer import check_finite_weights, load_hf_checkpoint, unwrap
 
 Batch = dict[str, torch.Tensor]
 OFFLOAD_TAG = "megatron_dapo_actor"
@@ -198,10 +198,12 @@ class MegatronActor:
             # The local spec's torch norms ignore params_dtype; TE's follow it. Parameters only: buffers such
             # as RoPE frequencies stay fp32 (what megatron's Float16Module would also cast).
             param.data = param.data.to(self.params_dtype)
-        if self.model_options.megatron_checkpoint:
-            load_checkpoint(chunks, self.hf_config, self.model_options.megatron_checkpoint)
+        source = self.model_options.megatron_checkpoint
+        if source:
+            load_checkpoint(chunks, self.hf_config, source)
         else:
             load_hf_checkpoint(chunks, hf_dir, self.layout)
+        check_finite_weights(chunks, self.layout, source or hf_dir)
         return chunks
 
     def save_checkpoint(self, save_dir: str | Path, step: int, trainer_state: dict, tokenizer) -> Path:
@@ -218,7 +220,9 @@ class MegatronActor:
                 "torch-AdamW fallback (no Transformer Engine/Apex) cannot load distributed-optimizer state; "
                 "resume on a GPU host, or set trainer.resume=false to start over"
             )
-        return load_checkpoint(self.model_chunks, self.hf_config, path, self.optimizer, self.scheduler)
+        state = load_checkpoint(self.model_chunks, self.hf_config, path, self.optimizer, self.scheduler)
+        check_finite_weights(self.model_chunks, self.layout, str(path))
+        return state
 
     # ------------------------------------------------------------------ forward and per-token log-probs
     def _forward(self, model: torch.nn.Module, micro_batch: Batch) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_dapo.errors import ConfigError, different_models
+from megatron_dapo.errors import ConfigError, NonFiniteWeightsError, different_models
 from megatron_dapo.model_config import ModelLayout
 from megatron_dapo.weights.hf_mapping import (
     ParamMapping,
@@ -75,6 +75,24 @@ def load_weights(model: ModelChunks, reader: TensorReader, layout: ModelLayout, 
             )
         with torch.no_grad():
             param.copy_(shard)
+
+
+def check_finite_weights(model: ModelChunks, layout: ModelLayout, source: str) -> None:
+    """Refuse weights holding NaN or Inf, naming the first such tensor, on every rank (collective: a shard of one
+    rank can be the only bad one, and the others must not go on into collectives without it)."""
+    bad = next(
+        (mapping for param, mapping in local_param_mappings(model, layout) if not torch.isfinite(param).all()), None
+    )
+    found = [bad]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, bad)
+    bad = next((mapping for mapping in found if mapping is not None), None)
+    if bad is not None:
+        raise NonFiniteWeightsError(
+            f"{source}: tensor {bad.megatron_name} (HF {', '.join(bad.hf_names)}) holds NaN or Inf values; these "
+            "weights are corrupt: load another checkpoint or HF folder"
+        )
 
 
 def load_hf_checkpoint(model: ModelChunks, hf_dir: str | Path, layout: ModelLayout) -> None:

@@ -5,13 +5,13 @@ import torch
 
 from megatron_dapo.algorithm import policy_loss
 from megatron_dapo.batch import build_training_batch, training_samples
-from megatron_dapo.errors import CheckpointMismatchError
+from megatron_dapo.errors import CheckpointMismatchError, NonFiniteWeightsError
 from megatron_dapo.rollout import HFRolloutEngine
 from megatron_dapo.rollout.base import GroupRequest
 from megatron_dapo.samples import Group
 from megatron_dapo.weights.hf_mapping import megatron_to_hf
 from megatron_dapo.weights.sync import hf_state_dict
-from megatron_dapo.weights.transfer import local_param_mappings
+from megatron_dapo.weights.transfer import local_param_mappings, unwrap
 
 from ..helpers import build_actor, hf_logprobs, make_tiny_qwen2, test_config
 
@@ -151,6 +151,33 @@ def test_config_with_another_vocab_size_is_refused_naming_the_field(megatron_wor
     model.config.save_pretrained(tmp_path)
     with pytest.raises(CheckpointMismatchError, match="'vocab_size' is 64 but model.embed_tokens.weight has 50 rows"):
         build_actor(_config(), str(tmp_path))
+
+
+def test_weights_with_nan_or_inf_are_refused_naming_the_tensor(megatron_world, tmp_path):
+    """An HF folder, then a checkpoint, with one non-finite value: refused, naming the tensor (not NaN losses)."""
+    from safetensors.torch import load_file, save_file
+
+    make_tiny_qwen2(tmp_path / "hf", tied=False)
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(NonFiniteWeightsError, match=r"tensor decoder\.layers\.1\.mlp\.linear_fc2\.weight \(HF "
+                       r"model\.layers\.1\.mlp\.down_proj\.weight\) holds NaN or Inf"):
+        build_actor(_config(), str(tmp_path / "hf"))
+
+    make_tiny_qwen2(tmp_path / "clean", tied=False)
+    actor = build_actor(_config(), str(tmp_path / "clean"))
+    batch = _random_batch(seed=1)
+    actor.train_step({**batch, "old_logprobs": actor.compute_logprobs(batch, 1.0)[0]})  # Adam state to save
+    weight = dict(unwrap(actor.model_chunks[0]).named_parameters())["decoder.final_layernorm.weight"]
+    clean = weight.detach().clone()
+    with torch.no_grad():
+        weight[0] = float("inf")
+    actor.save_checkpoint(tmp_path / "checkpoints", 1, {"step": 1}, None)
+    with torch.no_grad():
+        weight.copy_(clean)
+    with pytest.raises(NonFiniteWeightsError, match=r"tensor decoder\.final_layernorm\.weight \(HF model\.norm\.weight\)"):
+        actor.load_checkpoint(tmp_path / "checkpoints")
 
 
 @pytest.mark.parametrize("loss_impl", LOSS_IMPLS)

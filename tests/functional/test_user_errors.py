@@ -40,3 +40,19 @@ def test_layout_that_cannot_shard_the_model_is_refused_naming_the_field(tmp_path
     assert errors == ["error: parallel.tensor_model_parallel_size=2 must divide num_attention_heads=3 and "
                       "num_key_value_heads=3 of the model config; choose a divisor of 3"]
     assert not (out / "toy_init").exists()
+
+
+@pytest.mark.slow
+def test_a_user_error_under_the_torchrun_launcher_is_one_line_without_traceback(tmp_path):
+    """``python -m megatron_dapo.torchrun`` (what slurm/node.sh runs): the workers' one line, exit code 2, no
+    ChildFailedError traceback; plain torchrun prints that traceback under the same line."""
+    out = tmp_path / "run"
+    launch = ["--standalone", "--nproc-per-node", "2", "-m", "megatron_dapo", "train", "--config", str(TOY_CONFIG),
+              f"trainer.output_dir={out}", "algorithm.clip_ratio_c=0.5", "logging.progress_bar=false"]
+    result = subprocess.run([sys.executable, "-m", "megatron_dapo.torchrun", *launch], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        "error: algorithm.clip_ratio_c=0.5 must be > 1 (the reference uses 10), or null to disable"
+    ], result.stderr[-3000:]
+    assert not out.exists()

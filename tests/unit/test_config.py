@@ -120,3 +120,27 @@ def test_wandb_without_the_package_names_the_extra(monkeypatch):
     with pytest.raises(ConfigError, match=re.escape("logging.wandb=true needs the wandb package: pip install -e '.[wandb]'")):
         config.validate(world_size=1)
     load_config(CONFIGS / "toy_cpu.yaml").validate(world_size=1)  # off by default: no wandb needed
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["algorithm.clip_ratio_high=0.1"], "algorithm.clip_ratio_high=0.1 < algorithm.clip_ratio_low=0.2"),
+        (["optimizer.lr=0"], "optimizer.lr=0.0 must be > 0"),
+        (["optimizer.lr=-1e-5"], "optimizer.lr=-1e-05 must be > 0"),
+        (["data.max_prompt_length=0"], "data.max_prompt_length=0 must be at least 1"),
+        (["data.overlong_prompt=truncate"], "data.overlong_prompt='truncate' must be one of ['refuse', 'drop']"),
+    ],
+)
+def test_values_that_can_never_work_are_refused(overrides, message):
+    with pytest.raises(ConfigError) as refused:
+        load_config(CONFIGS / "toy_cpu.yaml", overrides).validate(world_size=1)
+    assert message in str(refused.value)
+
+
+def test_train_without_config_is_one_line_naming_the_flag(capsys):
+    from megatron_dapo.cli import main
+
+    assert main(["train", "trainer.max_steps=1"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: train needs --config FILE"), lines

@@ -69,3 +69,15 @@ def test_report_without_metrics_is_a_one_line_error(tmp_path, capsys, content):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(run / "metrics.jsonl") in lines[0]
     assert not (run / "report.png").exists()
+
+
+def test_a_non_json_line_is_named_not_skipped(tmp_path, capsys):
+    """Only the unterminated last line (being written) may be skipped; a broken line inside is refused by number."""
+    run = tmp_path / "run"
+    _write_rows(run, [_training_row(1)])
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write("Traceback (most recent call last):\n" + json.dumps(_training_row(2)) + "\n")
+    assert main(["report", str(run)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {run / 'metrics.jsonl'}: line 2 is not JSON"), lines
+    assert not (run / "report.png").exists()
