@@ -14,3 +14,9 @@ export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
 # container-bridge interface chosen by default is the most common launch failure). Examples:
 #   NCCL_IB_HCA=mlx5_0,mlx5_1,...   NCCL_SOCKET_IFNAME=bond0   GLOO_SOCKET_IFNAME=bond0
 export PYTHONUNBUFFERED=1
+
+# NCCL algorithm and channels (docs/design.md, "Engine start-up"; docs/pitfalls.md, 27): left to NCCL, the
+# same on every rank. sglang.Engine() writes NCCL_ALGO, NCCL_MIN/MAX_NCHANNELS (deterministic inference),
+# CUDA_DEVICE_MAX_CONNECTIONS=8 and more into the process that starts it; the trainer restores its own
+# environment once the engine is up, so only SGLang's schedulers run with SGLang's values. Set NCCL_ALGO
+# here, if at all, never per rank.

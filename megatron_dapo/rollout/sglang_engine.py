@@ -36,10 +36,10 @@ over its own GPU's copy of the weights. Rules followed:
   ``NCCL_NVLS_ENABLE`` and more (``srt/entrypoints/engine.py:1878-1938``). Only the host rank runs it, and
   the trainer's own NCCL communicators are created lazily, later: so the host's environment is restored once
   the engine is up (its processes have inherited theirs), and every rank keeps the one ``slurm/env.sh`` set
-  (docs/pitfalls.md, 30). Start-up has a deadline (``rollout.engine_start_timeout_s``); its failure, or
+  (docs/pitfalls.md, 27). Start-up has a deadline (``rollout.engine_start_timeout_s``); its failure, or
   SGLang's, reaches every rank of the job at once (``run_on_ranks``) instead of leaving the group's other
-  ranks in a collective until the process-group timeout. The scheduler's NCCL port is fixed per engine,
-  outside the rendezvous ports (``ENGINE_NCCL_PORT_BASE``).
+  ranks in a collective until the process-group timeout (docs/pitfalls.md, 28). The scheduler's NCCL port is
+  fixed per engine, outside the rendezvous ports (``ENGINE_NCCL_PORT_BASE``; docs/pitfalls.md, 30).
 - **Sampling.** With ``skip_tokenizer_init`` only the model config's EOS ids stop generation
   (``srt/configs/model_config.py:2190-2208``): the tokenizer's EOS goes in ``stop_token_ids``. Reported
   log-probs are ``log_softmax(logits / T)``, not renormalised over top-p (``srt/layers/sampler.py:273-317``).
