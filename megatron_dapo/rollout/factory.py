@@ -83,7 +83,7 @@ def build_rollout_engine(
         return run_on_ranks(list(range(placement.world_size)), lambda: SGLangRolloutEngine.launch(
             hf_dir, ranks, groups[engine], rollout.sglang_mem_fraction, seed, [tokenizer.eos_token_id],
             rollout.sglang_deterministic, "dummy" if weights_by_sync else "auto",
-            rollout.engine_start_timeout_s, rollout.engine_idle_timeout_s,
+            start_timeout_s=rollout.engine_start_timeout_s, idle_timeout_s=rollout.engine_idle_timeout_s,
         ))
     build = HFRolloutEngine.from_config if weights_by_sync else HFRolloutEngine.from_pretrained
     return run_on_ranks(placement.hosts, lambda: build(hf_dir, tokenizer.pad_token_id, tokenizer.eos_token_id))

@@ -177,12 +177,14 @@ class SGLangRolloutEngine(RolloutEngine):
         stop_token_ids: Sequence[int],
         seeded: bool = False,
         load_format: str = "dummy",
-        start_timeout_s: float = 900.0,
-        idle_timeout_s: float = 600.0,
+        *,
+        start_timeout_s: float,
+        idle_timeout_s: float,
     ) -> "SGLangRolloutEngine":
         """Start the group's engine on its GPUs (host rank only; not collective: ``run_on_ranks`` around it
         shares a failure); ``load_format``: ``dummy`` when the weights arrive by sync, ``auto`` to load the
-        folder's.
+        folder's. ``start_timeout_s``, ``idle_timeout_s``: ``rollout.engine_start_timeout_s``,
+        ``rollout.engine_idle_timeout_s``.
 
         ``seeded``: per-request ``sampling_seed`` (results independent of the engine count). SGLang honours it
         only in deterministic-inference mode: batch-invariant kernels, its PyTorch sampling backend instead of

@@ -44,8 +44,9 @@ def _start(rank: int, init_file: str, out_dir: str, failing_host: int | None) ->
     rollout = RolloutConfig(engine="sglang", ranks_per_engine=RANKS_PER_ENGINE, sglang_deterministic=True)
     try:
         engine = build_rollout_engine(rollout, EnginePlacement(RANKS_PER_ENGINE, WORLD), "/models/x",
-                                      SimpleNamespace(eos_token_id=1), seed=1, weights_by_sync=True)
-        outcome = f"started, host={engine.is_host}"
+                                      SimpleNamespace(eos_token_id=1), seed=1, weights_by_sync=True, timeout_minutes=7)
+        group_timeout = engine.group._get_backend(torch.device("cpu")).options._timeout  # not gloo's default
+        outcome = f"started, host={engine.is_host}, group timeout={group_timeout}"
     except RuntimeError as error:
         outcome = str(error)
     env = {name: value for name, value in os.environ.items() if name.startswith(("NCCL_", "CUDA_"))}
@@ -62,7 +63,7 @@ def _results(tmp_path, failing_host):
 def test_every_rank_keeps_the_jobs_nccl_and_cuda_environment(tmp_path):
     """Deterministic inference with TP 2 is where SGLang writes NCCL_ALGO and the channel counts on the host."""
     results = _results(tmp_path, failing_host=None)
-    assert [r["outcome"] for r in results] == ["started, host=True", "started, host=False"] * 2
+    assert [r["outcome"] for r in results] == [f"started, host={host}, group timeout=0:07:00" for host in (True, False)] * 2
     assert all(r["env"] == JOB_ENV for r in results), [r["env"] for r in results]
 
 

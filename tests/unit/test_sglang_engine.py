@@ -201,8 +201,9 @@ def world_of_one(tmp_path, monkeypatch):
     dist.destroy_process_group()
 
 
-def _launch(**kwargs):
-    return SGLangRolloutEngine.launch("/models/x", [0, 1], None, 0.6, 1, [1], **kwargs)
+def _launch(start_timeout_s: float = 60.0, **kwargs):
+    return SGLangRolloutEngine.launch("/models/x", [0, 1], None, 0.6, 1, [1], start_timeout_s=start_timeout_s,
+                                      idle_timeout_s=60.0, **kwargs)
 
 
 def test_engine_start_leaves_the_trainers_environment_as_it_was(world_of_one):
