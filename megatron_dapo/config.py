@@ -124,7 +124,14 @@ class RolloutConfig:
     groups_in_flight: int = option(0, "streaming: groups submitted across all engines at a time; 0: train_batch_size")
     sglang_mem_fraction: float = option(0.6, "SGLang's mem_fraction_static (weights + KV cache share of the GPU)")
     sglang_deterministic: bool = option(
-        True, "SGLang: per-request sampling seeds (deterministic-inference mode, PyTorch sampling backend)"
+        False, "SGLang deterministic inference: per-request sampling seeds, samples independent of the engine count; "
+        "slower (batch-invariant kernels, PyTorch sampling, Tree-only NCCL all-reduce)"
+    )
+    engine_start_timeout_s: float = option(
+        900.0, "seconds an engine may take to start before every rank stops with an error"
+    )
+    engine_idle_timeout_s: float = option(
+        600.0, "seconds an engine may take to finish its running requests before releasing its memory"
     )
 
 
@@ -187,6 +194,10 @@ class TrainerConfig:
     eval_interval: int = option(
         0, "evaluate the validation problems every this many steps, besides before the first and after the last"
     )
+    distributed_timeout_minutes: int = option(
+        30, "process groups' collective timeout (megatron's --distributed-timeout-minutes): a rank that waits "
+        "longer on its peers stops with an error"
+    )
 
 
 @dataclass
@@ -230,6 +241,14 @@ class DapoConfig:
                 f"rollout.ranks_per_engine={ro.ranks_per_engine} must divide the world size {world_size} and the "
                 f"{ranks_per_node} ranks of a node (an engine's ranks sit on one node)"
             )
+        group_timeout_s = self.trainer.distributed_timeout_minutes * 60
+        for key in ("engine_start_timeout_s", "engine_idle_timeout_s"):
+            if getattr(ro, key) >= group_timeout_s:
+                raise ConfigError(
+                    f"rollout.{key}={getattr(ro, key):g} must be below trainer.distributed_timeout_minutes × 60 = "
+                    f"{group_timeout_s} s (the other ranks wait for the engine in a collective): lower it or raise "
+                    f"trainer.distributed_timeout_minutes"
+                )
         if alg.overlong_buffer_enable and not 0 < alg.overlong_buffer_len <= ro.max_response_length:
             raise ConfigError(
                 f"algorithm.overlong_buffer_len={alg.overlong_buffer_len} must be in "
@@ -295,7 +314,7 @@ _AT_LEAST_ONE = (
     "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size", "parallel.micro_batch_size",
     "rollout.max_response_length", "rollout.val_n", "algorithm.gen_batch_size", "algorithm.train_batch_size",
     "algorithm.mini_batch_size", "algorithm.ppo_epochs", "model.loss_chunk_size", "data.toy_num_train",
-    "rollout.ranks_per_engine",
+    "rollout.ranks_per_engine", "trainer.distributed_timeout_minutes",
 )
 _NON_NEGATIVE = (
     "trainer.max_steps", "trainer.save_interval", "trainer.export_hf_interval", "trainer.keep_last",
@@ -304,7 +323,10 @@ _NON_NEGATIVE = (
     "rollout.weight_sync_bucket_mb", "rollout.groups_in_flight", "reward.num_workers", "toy_model.sft_steps",
     "data.toy_num_val", "logging.rollout_dump_interval",
 )
-_POSITIVE = ("optimizer.lr", "rollout.temperature", "rollout.val_temperature", "optimizer.clip_grad", "optimizer.adam_eps")
+_POSITIVE = (
+    "optimizer.lr", "rollout.temperature", "rollout.val_temperature", "optimizer.clip_grad", "optimizer.adam_eps",
+    "rollout.engine_start_timeout_s", "rollout.engine_idle_timeout_s",
+)
 _UNIT_INTERVAL = ("rollout.top_p", "rollout.val_top_p", "rollout.sglang_mem_fraction")  # (0, 1]
 _SHARES = ("toy_model.sft_answer_noise", "toy_model.sft_step_error", "toy_model.sft_ramble", "toy_model.sft_loop")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
+from datetime import timedelta
 from typing import Callable, TypeVar
 
 import torch
@@ -36,8 +37,12 @@ def keep_freed_host_memory() -> None:
     libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
 
 
-def initialize_process_group() -> None:
-    """Join the job (torchrun/srun set ``RANK`` etc.), or create a one-process world under plain ``python``."""
+def initialize_process_group(timeout_minutes: int = 30) -> None:
+    """Join the job (torchrun/srun set ``RANK`` etc.), or create a one-process world under plain ``python``.
+
+    ``timeout_minutes`` (``trainer.distributed_timeout_minutes``): how long a collective waits for its peers
+    before it fails, instead of the backend's own default (NCCL 10 min, gloo 30 min).
+    """
     if dist.is_initialized():
         return
     if torch.cuda.is_available():
@@ -49,10 +54,12 @@ def initialize_process_group() -> None:
         cpu_compat.install()
         keep_freed_host_memory()
         backend = "gloo"
+    timeout = timedelta(minutes=timeout_minutes)
     if "RANK" in os.environ:  # torchrun / srun: rendezvous from the environment
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=timeout)
     else:  # plain `python`: a world of one (the environment is left untouched for child processes)
-        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                timeout=timeout)
 
 
 def initialize_model_parallel(
@@ -60,13 +67,16 @@ def initialize_model_parallel(
     pipeline_model_parallel_size: int,
     seed: int,
     virtual_pipeline_model_parallel_size: int | None = None,
+    timeout_minutes: int = 30,
 ) -> None:
-    """Megatron's TP/PP/DP groups over the joined job, and its model-parallel RNG streams."""
+    """Megatron's TP/PP/DP groups over the joined job (with the process group's timeout), and its
+    model-parallel RNG streams."""
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_model_parallel_size,
             pipeline_model_parallel_size=pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+            distributed_timeout_minutes=timeout_minutes,
         )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 

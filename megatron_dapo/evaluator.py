@@ -45,7 +45,7 @@ def evaluate_hf_folder(config: DapoConfig, hf_dir: str | None) -> EvalSummary:
     """Evaluate the folder's policy on the validation problems over every rank of the job (a world of one under
     plain ``python``); the summary is known to every rank."""
     folder = str(check_hf_folder(hf_dir))
-    initialize_process_group()
+    initialize_process_group(config.trainer.distributed_timeout_minutes)
     world_size = dist.get_world_size()
     config.validate(world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), training=False)
     files = run_on_rank_zero(lambda: validation_files(config))
@@ -56,7 +56,8 @@ def evaluate_hf_folder(config: DapoConfig, hf_dir: str | None) -> EvalSummary:
     tokenizer = load_tokenizer(folder)
     ro, seed = config.rollout, config.trainer.seed
     placement = EnginePlacement(ro.ranks_per_engine, world_size)
-    engine = build_rollout_engine(ro, placement, folder, tokenizer, seed, weights_by_sync=False)
+    engine = build_rollout_engine(ro, placement, folder, tokenizer, seed, weights_by_sync=False,
+                                  timeout_minutes=config.trainer.distributed_timeout_minutes)
     # no actor: every rank is its own data-parallel rank (only training samples travel by it)
     rollout = JobRollout(engine, placement, tokenizer, ro, config.algorithm,
                          RewardScorer(config.reward.function, config.reward.num_workers), seed,

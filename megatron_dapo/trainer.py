@@ -82,7 +82,8 @@ class Job:
         self.placement = EnginePlacement(ro.ranks_per_engine, dist.get_world_size())
         # weights_by_sync: restore() syncs the actor's weights into the engines before the first generation
         self.engine = build_rollout_engine(
-            ro, self.placement, self.hf_dir, self.tokenizer, config.trainer.seed, weights_by_sync=True
+            ro, self.placement, self.hf_dir, self.tokenizer, config.trainer.seed, weights_by_sync=True,
+            timeout_minutes=config.trainer.distributed_timeout_minutes,
         )
         self.engine_dtype = engine_class(ro).weight_dtype
         self.release_engine()
@@ -282,7 +283,8 @@ def train(config: DapoConfig) -> tuple[float | None, float | None]:
     and in the rows of the steps they follow; a resumed run evaluates its restored policy for ``before`` without
     logging it again.
     """
-    initialize_process_group()
+    timeout_minutes = config.trainer.distributed_timeout_minutes
+    initialize_process_group(timeout_minutes)
     config.validate(dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
     check_model_fits_layout(config)
     # the folder's owner is decided before anything is written there (rank 0 decides, every rank follows)
@@ -299,7 +301,7 @@ def _train(config: DapoConfig) -> tuple[float | None, float | None]:
     par = config.parallel
     initialize_model_parallel(
         par.tensor_model_parallel_size, par.pipeline_model_parallel_size, config.trainer.seed,
-        par.virtual_pipeline_model_parallel_size,
+        par.virtual_pipeline_model_parallel_size, timeout_minutes,
     )
     torch.manual_seed(config.trainer.seed)
     stop_requests = StopRequests()

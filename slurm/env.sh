@@ -29,3 +29,9 @@ if [[ -n "${HEAD_ADDR:-}" && ( -z "${GLOO_SOCKET_IFNAME:-}" || -z "${NCCL_SOCKET
   unset _head_ifname
 fi
 export PYTHONUNBUFFERED=1
+
+# NCCL algorithm and channels (docs/design.md, "Engine start-up"; docs/pitfalls.md, 31): left to NCCL, the
+# same on every rank. sglang.Engine() writes NCCL_ALGO, NCCL_MIN/MAX_NCHANNELS (deterministic inference),
+# CUDA_DEVICE_MAX_CONNECTIONS=8 and more into the process that starts it; the trainer restores its own
+# environment once the engine is up, so only SGLang's schedulers run with SGLang's values. Set NCCL_ALGO
+# here, if at all, never per rank.

@@ -19,19 +19,121 @@ real engine that the adapter depends on, each mirrored from the sglang 0.5.23 so
   EOS ids and ``stop_token_ids`` stop (``srt/configs/model_config.py:2190-2208``); ``abort_request(abort_all=True)``
   makes running requests return at once with ``finish_reason`` abort (``srt/managers/scheduler.py:5798-5812``);
 - ``sampling_seed`` is honoured only in deterministic-inference mode, silently ignored otherwise, and fatal with
-  ``min_p > 0`` (``srt/sampling/sampling_batch_info.py:127-171``, ``srt/layers/sampler.py:829-833``).
+  ``min_p > 0`` (``srt/sampling/sampling_batch_info.py:127-171``, ``srt/layers/sampler.py:829-833``);
+- ``fake_engine_class`` stands in for ``sglang.Engine(**server_args)`` itself: it writes into the *calling*
+  process's environment what the real constructor writes there for the adapter's arguments, in the source's
+  order (``engine_environment_writes``), then starts, or fails as a scheduler that dies during start-up does
+  (``srt/entrypoints/engine.py:2002-2010``), or takes as long as it is told to;
+- ``serialize`` is ``MultiprocessingSerializer.serialize`` (base64 only with ``output_str=True``); the
+  in-process engine takes ``flattened_bucket`` payloads as base64 strings or raw pickle bytes and decodes the
+  former (``srt/entrypoints/engine.py:1743-1754``, ``srt/utils/common.py:3060-3126``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
+import os
+import pickle
+import random
+import time
 from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 from typing import Callable
 
 import torch
 
 TAGS = ("kv_cache", "weights", "cuda_graph")  # srt/constants.py:2-9
 OUTSIDE_SESSION = "update_weights_from_tensor must run between begin_weight_update() and end_weight_update()"
+
+
+def engine_environment_writes(tp_size: int, enable_deterministic_inference: bool, environ=os.environ) -> None:
+    """What ``sglang.Engine()`` 0.5.23 writes into the calling process's environment for the adapter's
+    arguments (one node, CUDA, CUDA graphs on, no symmetric memory, KV sharding, DCP, metrics or crash dumps),
+    in the order it writes them:
+
+    - ``ServerArgs.resolve_once`` → ``handle_deterministic_inference`` with TP > 1
+      (``srt/arg_groups/attention_hook.py:672-698``; channels: ``SGLANG_DETERMINISTIC_NCCL_NCHANNELS``,
+      default 8, ``srt/environ.py:1531``);
+    - ``_graph_may_capture_collectives`` with TP > 1 → ``NCCL_GRAPH_REGISTER`` default 0
+      (``srt/arg_groups/parallel_hook.py:369-425``);
+    - ``_set_envs_and_config`` (``srt/entrypoints/engine.py:1878-1938``).
+    """
+    if enable_deterministic_inference and tp_size > 1:
+        environ["NCCL_ALGO"] = "allreduce:tree"
+        nchannels = str(int(environ.get("SGLANG_DETERMINISTIC_NCCL_NCHANNELS", "8")))
+        environ["NCCL_MIN_NCHANNELS"] = nchannels
+        environ["NCCL_MAX_NCHANNELS"] = nchannels
+    if tp_size > 1:
+        environ.setdefault("NCCL_GRAPH_REGISTER", "0")
+    if "NCCL_CUMEM_ENABLE" not in environ:
+        environ["NCCL_CUMEM_ENABLE"] = "0"
+    if "NCCL_NVLS_ENABLE" not in environ:
+        environ["NCCL_NVLS_ENABLE"] = "0"
+    environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "8"
+    if environ.get("TRTLLM_ENABLE_PDL", "1") != "0":
+        environ["TRTLLM_ENABLE_PDL"] = "1"
+    if environ.get("CUTE_DSL_LOG_LEVEL") is None:
+        environ["CUTE_DSL_LOG_LEVEL"] = "30"
+    if environ.get("CUTE_DSL_LOG_TO_CONSOLE") is None:
+        environ["CUTE_DSL_LOG_TO_CONSOLE"] = "1"
+    environ["SGLANG_RUN_ID"] = f"sglang-run-{time.time()}-{random.randint(0, 100000000)}"
+
+
+SCHEDULER_DIED = ("Rank 0 scheduler died during initialization (exit code: -9). If exit code is -9 (SIGKILL), a "
+                  "common cause is the OS OOM killer. Run `dmesg -T | grep -i oom` to check.")
+
+
+def fake_engine_class(weight_shapes: dict[str, tuple[int, ...]], fail: bool = False, start_seconds: float = 0.0):
+    """A FAKE ``sglang.Engine`` constructor: the environment writes of the real one, then a ``FakeSGLangEngine``
+    (``fail``: the start-up error of a scheduler killed while loading; ``start_seconds``: a slow start)."""
+
+    def engine(*, model_path: str, tp_size: int = 1, enable_deterministic_inference: bool = False,
+               nccl_port: int | None = None, **server_args) -> FakeSGLangEngine:
+        engine_environment_writes(tp_size, enable_deterministic_inference)
+        time.sleep(start_seconds)  # waiting for the schedulers (srt/entrypoints/engine.py:2013-2040)
+        if fail:
+            raise RuntimeError(SCHEDULER_DIED)
+        fake = FakeSGLangEngine(tp_size, weight_shapes, deterministic=enable_deterministic_inference)
+        fake.server_args = dict(server_args, model_path=model_path, tp_size=tp_size, nccl_port=nccl_port,
+                                enable_deterministic_inference=enable_deterministic_inference)
+        return fake
+
+    return engine
+
+
+def serialize(obj, output_str: bool = False):
+    """``MultiprocessingSerializer.serialize`` as in ``srt/utils/common.py:3060-3082`` (for CPU tensors)."""
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump(obj)
+    output = buf.getvalue()
+    return base64.b64encode(output).decode("utf-8") if output_str else output
+
+
+class FlattenedTensorBucket:
+    """FAKE of ``srt/weight_sync/tensor_bucket.py:19-80`` (construction from named tensors): each tensor
+    flattened to bytes, concatenated, with its name, shape, dtype and byte range."""
+
+    def __init__(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        flat, self.metadata, start = [], [], 0
+        for name, tensor in named_tensors:
+            flat.append(tensor.flatten().view(torch.uint8))
+            self.metadata.append({"name": name, "shape": tensor.shape, "dtype": tensor.dtype, "start_idx": start,
+                                  "end_idx": start + flat[-1].numel()})
+            start += flat[-1].numel()
+        self.flattened_tensor = torch.cat(flat)
+
+    def get_flattened_tensor(self) -> torch.Tensor:
+        return self.flattened_tensor
+
+    def get_metadata(self) -> list[dict]:
+        return self.metadata
+
+
+def looks_like_pickle_payload(data: bytes) -> bool:
+    """How SGLang tells raw payload bytes from base64 (``srt/utils/common.py:3105-3106``)."""
+    return len(data) >= 2 and data[0] == 0x80 and data[1] <= pickle.HIGHEST_PROTOCOL
 
 
 class SchedulerDied(RuntimeError):

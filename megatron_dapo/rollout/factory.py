@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -59,25 +60,30 @@ def build_rollout_engine(
     tokenizer: PreTrainedTokenizerBase,
     seed: int,
     weights_by_sync: bool,
+    timeout_minutes: int = 30,
 ) -> RolloutEngine | None:
     """This rank's part of its engine (``None`` on the CPU engine's other ranks); collective, and a failure on
     one rank ends every rank with its error.
 
     ``weights_by_sync``: the weights arrive by a sync (the trainer's, before its first generation), so nothing
     is read from the folder but its config and tokenizer (SGLang: ``load_format="dummy"``). Otherwise
-    (``megatron-dapo eval``) the engine serves the folder's weights.
+    (``megatron-dapo eval``) the engine serves the folder's weights. ``timeout_minutes``
+    (``trainer.distributed_timeout_minutes``): the engines' process groups', like the job's.
     """
     if rollout.engine == "sglang":
         if not torch.cuda.is_available():
             raise ConfigError("rollout.engine='sglang' needs CUDA GPUs; use rollout.engine=hf on CPU")
         from megatron_dapo.rollout.sglang_engine import SGLangRolloutEngine
 
-        groups = [dist.new_group(placement.ranks(e)) for e in range(placement.num_engines)]  # every rank, in order
+        timeout = timedelta(minutes=timeout_minutes)  # new_group's default is the backend's, not the job's
+        groups = [dist.new_group(placement.ranks(e), timeout=timeout)  # on every rank, in order
+                  for e in range(placement.num_engines)]
         engine = placement.engine_of(dist.get_rank())
         ranks = placement.ranks(engine)
         return run_on_ranks(list(range(placement.world_size)), lambda: SGLangRolloutEngine.launch(
             hf_dir, ranks, groups[engine], rollout.sglang_mem_fraction, seed, [tokenizer.eos_token_id],
             rollout.sglang_deterministic, "dummy" if weights_by_sync else "auto",
+            start_timeout_s=rollout.engine_start_timeout_s, idle_timeout_s=rollout.engine_idle_timeout_s,
         ))
     build = HFRolloutEngine.from_config if weights_by_sync else HFRolloutEngine.from_pretrained
     return run_on_ranks(placement.hosts, lambda: build(hf_dir, tokenizer.pad_token_id, tokenizer.eos_token_id))

@@ -28,7 +28,18 @@ over its own GPU's copy of the weights. Rules followed:
   reuses it (docs/pitfalls.md, 15).
 - **Start.** In training the engine starts with ``load_format="dummy"`` (random weights, nothing read from
   disk): the trainer releases its memory at once and syncs the actor's weights before the first generation.
-  ``megatron-dapo eval`` starts it with ``load_format="auto"``, the folder's weights.
+  ``megatron-dapo eval`` starts it with ``load_format="auto"``, the folder's weights. ``sglang.Engine()``
+  resolves its arguments in the calling (trainer) process and writes its own environment there before it
+  spawns its schedulers: ``NCCL_ALGO``/``NCCL_MIN_NCHANNELS``/``NCCL_MAX_NCHANNELS`` in deterministic mode with
+  TP > 1 (``srt/arg_groups/attention_hook.py:676-698``), ``NCCL_GRAPH_REGISTER``
+  (``srt/arg_groups/parallel_hook.py:425``), ``CUDA_DEVICE_MAX_CONNECTIONS=8``, ``NCCL_CUMEM_ENABLE``,
+  ``NCCL_NVLS_ENABLE`` and more (``srt/entrypoints/engine.py:1878-1938``). Only the host rank runs it, and
+  the trainer's own NCCL communicators are created lazily, later: so the host's environment is restored once
+  the engine is up (its processes have inherited theirs), and every rank keeps the one ``slurm/env.sh`` set
+  (docs/pitfalls.md, 31). Start-up has a deadline (``rollout.engine_start_timeout_s``); its failure, or
+  SGLang's, reaches every rank of the job at once (``run_on_ranks``) instead of leaving the group's other
+  ranks in a collective until the process-group timeout (docs/pitfalls.md, 32). The scheduler's NCCL port is
+  fixed per engine, outside the rendezvous ports (``ENGINE_NCCL_PORT_BASE``; docs/pitfalls.md, 34).
 - **Sampling.** With ``skip_tokenizer_init`` only the model config's EOS ids stop generation
   (``srt/configs/model_config.py:2190-2208``): the tokenizer's EOS goes in ``stop_token_ids``. Reported
   log-probs are ``log_softmax(logits / T)``, not renormalised over top-p (``srt/layers/sampler.py:273-317``).
@@ -47,7 +58,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Callable, Iterable, Sequence
+import signal
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -58,16 +71,21 @@ from megatron_dapo.samples import RolloutSample
 from megatron_dapo.weights.transfer import Bucket
 
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
-IDLE_TIMEOUT_S = 600.0
+# The scheduler's torch.distributed port: this + the host's LOCAL_RANK (engines of one node differ). Left to
+# SGLang it is drawn from 22000-29999 (srt/utils/network.py:205), where slurm/launch.sh's MASTER_PORT
+# (20000-29999) and torchrun's 29500 live; 31000-31007 is below Linux's ephemeral range (32768+) too.
+ENGINE_NCCL_PORT_BASE = 31000
 
 
 class SGLangError(UserError, RuntimeError):
     """SGLang refused a request; the message is SGLang's."""
 
 
-def serialize_flattened_bucket(named_tensors: Bucket) -> str:
+def serialize_flattened_bucket(named_tensors: Bucket) -> bytes:
     """This rank's bucket as an SGLang ``flattened_bucket`` payload: one flat copy on this GPU, shared by CUDA
-    IPC handle (the copy outlives the resharder's reuse of its buffers)."""
+    IPC handle (the copy outlives the resharder's reuse of its buffers). Raw pickle bytes: the in-process
+    ``Engine.update_weights_from_tensor`` takes them as they are, a base64 string it would only decode again
+    (``srt/entrypoints/engine.py:1743-1754``, ``srt/utils/common.py:3109-3119``)."""
     from sglang.srt.utils import MultiprocessingSerializer
     from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
     from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
@@ -76,12 +94,42 @@ def serialize_flattened_bucket(named_tensors: Bucket) -> str:
     named_tensors = sorted(named_tensors, key=lambda item: -item[1].element_size())  # no misaligned dtype views
     bucket = FlattenedTensorBucket(named_tensors=named_tensors)
     payload = {"flattened_tensor": bucket.get_flattened_tensor(), "metadata": bucket.get_metadata()}
-    return MultiprocessingSerializer.serialize(payload, output_str=True)
+    return MultiprocessingSerializer.serialize(payload)
 
 
 def _ipc_collect() -> None:
     if torch.cuda.is_available():
         torch.cuda.ipc_collect()
+
+
+@contextmanager
+def _environment_restored() -> Iterator[None]:
+    """``os.environ`` as it was before the block, whatever the block wrote into it."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for name in [name for name in os.environ if name not in saved]:
+            del os.environ[name]
+        os.environ.update(saved)
+
+
+@contextmanager
+def _deadline(seconds: float, message: str) -> Iterator[None]:
+    """Raise ``SGLangError(message)`` in the block after ``seconds`` (SIGALRM: ``sglang.Engine()`` installs
+    signal handlers, so it must run in the main thread, and waits for its schedulers in 5 s polls,
+    ``srt/entrypoints/engine.py:2019-2040``)."""
+
+    def expire(signum, frame):
+        raise SGLangError(message)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _check(result: tuple[bool, str], request: str) -> None:
@@ -104,6 +152,7 @@ class SGLangRolloutEngine(RolloutEngine):
         seeded: bool = True,
         serialize: Callable[[Bucket], object] = serialize_flattened_bucket,
         ipc_collect: Callable[[], None] = _ipc_collect,
+        idle_timeout_s: float = 600.0,
     ) -> None:
         self.engine = engine  # sglang.Engine on the group's first rank, None on its other ranks
         self.group_ranks = group_ranks
@@ -115,6 +164,7 @@ class SGLangRolloutEngine(RolloutEngine):
         self.ipc_collect = ipc_collect
         self.released: set[str] = set()
         self.weight_version = 0
+        self.idle_timeout_s = idle_timeout_s
 
     @classmethod
     def launch(
@@ -125,37 +175,44 @@ class SGLangRolloutEngine(RolloutEngine):
         mem_fraction_static: float,
         seed: int,
         stop_token_ids: Sequence[int],
-        seeded: bool = True,
+        seeded: bool = False,
         load_format: str = "dummy",
+        *,
+        start_timeout_s: float,
+        idle_timeout_s: float,
     ) -> "SGLangRolloutEngine":
-        """Start the group's engine on its GPUs (host rank only; collective over the group); ``load_format``:
-        ``dummy`` when the weights arrive by sync, ``auto`` to load the folder's.
+        """Start the group's engine on its GPUs (host rank only; not collective: ``run_on_ranks`` around it
+        shares a failure); ``load_format``: ``dummy`` when the weights arrive by sync, ``auto`` to load the
+        folder's. ``start_timeout_s``, ``idle_timeout_s``: ``rollout.engine_start_timeout_s``,
+        ``rollout.engine_idle_timeout_s``.
 
         ``seeded``: per-request ``sampling_seed`` (results independent of the engine count). SGLang honours it
-        only in deterministic-inference mode, which selects its PyTorch sampling backend instead of FlashInfer's
-        (``srt/sampling/sampling_batch_info.py:127-171``, ``srt/arg_groups/overrides.py:1029-1036``).
+        only in deterministic-inference mode: batch-invariant kernels, its PyTorch sampling backend instead of
+        FlashInfer's, Tree-only NCCL all-reduce (``srt/sampling/sampling_batch_info.py:127-171``,
+        ``srt/arg_groups/overrides.py:1029-1036``, ``srt/arg_groups/attention_hook.py:599-700``).
         """
         engine = None
         if dist.get_rank() == group_ranks[0]:
             import sglang
 
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-            engine = sglang.Engine(
-                model_path=hf_dir,
-                tp_size=len(group_ranks),
-                base_gpu_id=local_rank,  # the group's GPUs are this rank's and the next ones
-                nccl_port=23000 + 10 * local_rank,  # engines of one node must not race for a port
-                dtype="bfloat16",
-                load_format=load_format,
-                enable_memory_saver=True,
-                mem_fraction_static=mem_fraction_static,
-                random_seed=seed,
-                skip_tokenizer_init=True,
-                enable_deterministic_inference=seeded,
-            )
-        if group is not None:
-            dist.barrier(group=group)
-        return cls(engine, group_ranks, group, stop_token_ids, seeded)
+            timeout = (f"sglang.Engine() did not start within {start_timeout_s:g} s; raise "
+                       "rollout.engine_start_timeout_s if the model needs longer to load")
+            with _environment_restored(), _deadline(start_timeout_s, timeout):
+                engine = sglang.Engine(
+                    model_path=hf_dir,
+                    tp_size=len(group_ranks),
+                    base_gpu_id=local_rank,  # the group's GPUs are this rank's and the next ones
+                    nccl_port=ENGINE_NCCL_PORT_BASE + local_rank,
+                    dtype="bfloat16",
+                    load_format=load_format,
+                    enable_memory_saver=True,
+                    mem_fraction_static=mem_fraction_static,
+                    random_seed=seed,
+                    skip_tokenizer_init=True,
+                    enable_deterministic_inference=seeded,
+                )
+        return cls(engine, group_ranks, group, stop_token_ids, seeded, idle_timeout_s=idle_timeout_s)
 
     @property
     def is_host(self) -> bool:
@@ -269,7 +326,7 @@ class SGLangRolloutEngine(RolloutEngine):
         """Free weights, KV cache and CUDA graphs; returns once the GPU memory is free."""
         if not self.is_host:
             return
-        idle = self.engine.loop.run_until_complete(self.engine.tokenizer_manager.flush_cache(timeout_s=IDLE_TIMEOUT_S))
+        idle = self.engine.loop.run_until_complete(self.engine.tokenizer_manager.flush_cache(timeout_s=self.idle_timeout_s))
         _check((idle.success, idle.message), "flush_cache before releasing memory")
         tags = [tag for tag in MEMORY_TAGS if tag not in self.released]
         if tags:

@@ -85,11 +85,28 @@ def test_every_option_is_listed_with_its_documentation():
         ("toy_model.sft_loop=1.5", "toy_model.sft_loop=1.5 must be in [0, 1]"),
         ("toy_model.sft_ramble=0.99", "toy_model.sft_ramble=0.99 + toy_model.sft_loop=0.05 must be at most 1"),
         ("trainer.eval_interval=-2", "trainer.eval_interval=-2 must be >= 0"),
+        ("rollout.engine_start_timeout_s=0", "rollout.engine_start_timeout_s=0.0 must be > 0"),
+        ("trainer.distributed_timeout_minutes=0", "trainer.distributed_timeout_minutes=0 must be at least 1"),
     ],
 )
 def test_value_ranges_are_checked_before_any_work(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(CONFIGS / "toy_cpu.yaml", [override]).validate(world_size=1)
+
+
+@pytest.mark.parametrize("key", ["rollout.engine_start_timeout_s", "rollout.engine_idle_timeout_s"])
+def test_engine_timeouts_end_before_the_process_groups(key):
+    """The other ranks wait for an engine in a collective: its own deadline must come first."""
+    load_config(CONFIGS / "toy_cpu.yaml", [f"{key}=1199", "trainer.distributed_timeout_minutes=20"]).validate()
+    config = load_config(CONFIGS / "toy_cpu.yaml", [f"{key}=1200", "trainer.distributed_timeout_minutes=20"])
+    with pytest.raises(ConfigError, match=re.escape(f"{key}=1200 must be below trainer.distributed_timeout_minutes × 60 = 1200 s")):
+        config.validate(training=False)
+
+
+def test_gpu_configs_choose_throughput_and_score_in_workers():
+    for name in ("qwen2.5_32b_dapo.yaml", "qwen2.5_7b_dapo.yaml"):
+        config = load_config(CONFIGS / name)
+        assert config.rollout.sglang_deterministic is False and config.reward.num_workers > 0, name
 
 
 def test_evaluation_checks_the_engines_not_the_training_layout():

@@ -6,7 +6,10 @@ under test is the real code.
 
 from __future__ import annotations
 
+import os
+import pickle
 import sys
+import time
 import types
 from dataclasses import dataclass
 
@@ -16,9 +19,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_dapo.rollout.base import GroupRequest
-from megatron_dapo.rollout.sglang_engine import SGLangError, SGLangRolloutEngine
+from megatron_dapo.rollout.sglang_engine import SGLangError, SGLangRolloutEngine, serialize_flattened_bucket
 
-from ..sglang_fake import OUTSIDE_SESSION, FakePayload, FakeSGLangEngine, SchedulerDied, fake_serializer
+from ..sglang_fake import (OUTSIDE_SESSION, FakePayload, FakeSGLangEngine, FlattenedTensorBucket, SchedulerDied,
+                           fake_engine_class, fake_serializer, looks_like_pickle_payload, serialize)
 
 SHAPES = {"a": (2, 2), "b": (3,), "c": (4,), "d": (2,)}
 
@@ -39,11 +43,11 @@ def fake_sglang_io_struct(monkeypatch):
     monkeypatch.setitem(sys.modules, "sglang.srt.managers.io_struct", module)
 
 
-def _adapter(**fake_kwargs):
+def _adapter(idle_timeout_s: float = 600.0, **fake_kwargs):
     engine = FakeSGLangEngine(tp_size=1, weight_shapes=SHAPES, **fake_kwargs)
     collected = []
     adapter = SGLangRolloutEngine(engine, [0], None, stop_token_ids=[1], serialize=fake_serializer(lambda: 0),
-                                  ipc_collect=lambda: collected.append(len(engine.calls)))
+                                  ipc_collect=lambda: collected.append(len(engine.calls)), idle_timeout_s=idle_timeout_s)
     return adapter, engine, collected
 
 
@@ -97,7 +101,7 @@ def test_refusals_raise_with_sglangs_message():
 
 
 def test_colocated_memory_phases_resume_only_what_was_released():
-    adapter, engine, _ = _adapter()
+    adapter, engine, _ = _adapter(idle_timeout_s=42.0)
     engine.in_flight = 3  # requests still running: the adapter waits for idle before releasing
     adapter.release_memory()
     adapter.release_memory()  # nothing more to release
@@ -106,9 +110,9 @@ def test_colocated_memory_phases_resume_only_what_was_released():
     adapter.resume_memory()
     adapter.resume_memory()  # nothing released: no call (a second resume would kill SGLang's scheduler)
     memory = [c for c in engine.calls if "memory" in c[0] or c[0] == "tokenizer_manager.flush_cache"]
-    assert memory == [("tokenizer_manager.flush_cache", 600.0),
+    assert memory == [("tokenizer_manager.flush_cache", 42.0),  # rollout.engine_idle_timeout_s
                       ("release_memory_occupation", ("weights", "kv_cache", "cuda_graph")),
-                      ("tokenizer_manager.flush_cache", 600.0),
+                      ("tokenizer_manager.flush_cache", 42.0),
                       ("resume_memory_occupation", ("weights",)),
                       ("resume_memory_occupation", ("kv_cache", "cuda_graph"))]
     assert engine.offload_tags == set()
@@ -158,6 +162,68 @@ def test_each_bucket_is_copied_before_the_resharder_reuses_its_memory():
     engine.update_weights_from_tensor = lambda named_tensors, **kw: (sent.append(named_tensors[0].tensors["c"]), original(named_tensors, **kw))[1]
     adapter.update_weights(reusing_buckets())
     assert [t.tolist() for t in sent] == [[0.0] * 4, [1.0] * 4, [2.0] * 4]
+
+
+def test_payloads_are_raw_pickle_bytes_not_base64(monkeypatch):
+    """The in-process engine takes raw bytes; a base64 string is a third copy of every bucket that it decodes
+    again. FAKE ``MultiprocessingSerializer``, ``FlattenedTensorBucket`` and CUDA-IPC patch (tests/sglang_fake.py)."""
+    modules = {"sglang.srt.utils": types.ModuleType("sglang.srt.utils"),
+               "sglang.srt.utils.patch_torch": types.ModuleType("sglang.srt.utils.patch_torch"),
+               "sglang.srt.weight_sync": types.ModuleType("sglang.srt.weight_sync"),
+               "sglang.srt.weight_sync.tensor_bucket": types.ModuleType("sglang.srt.weight_sync.tensor_bucket")}
+    modules["sglang.srt.utils"].MultiprocessingSerializer = types.SimpleNamespace(serialize=serialize)
+    modules["sglang.srt.utils.patch_torch"].monkey_patch_torch_reductions = lambda: None  # CPU tensors: no IPC
+    modules["sglang.srt.weight_sync.tensor_bucket"].FlattenedTensorBucket = FlattenedTensorBucket
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    tensors = {"b": torch.arange(3, dtype=torch.bfloat16), "a": torch.linspace(0, 1, 4).reshape(2, 2)}
+    payload = serialize_flattened_bucket(list(tensors.items()))
+    assert isinstance(payload, bytes) and looks_like_pickle_payload(payload)
+    decoded = pickle.loads(payload)
+    flat = decoded["flattened_tensor"]
+    assert flat.numel() == 3 * 2 + 4 * 4
+    for meta in decoded["metadata"]:
+        tensor = flat[meta["start_idx"]:meta["end_idx"]].view(meta["dtype"]).reshape(meta["shape"])
+        assert torch.equal(tensor, tensors[meta["name"]]), meta["name"]
+
+
+# ---------------------------------------------------------------- start-up (one process, a world of one)
+@pytest.fixture
+def world_of_one(tmp_path, monkeypatch):
+    """A gloo world of one (``launch`` asks for its rank), and a FAKE ``sglang`` module to put an ``Engine`` in."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    fake_sglang = types.ModuleType("sglang")
+    monkeypatch.setitem(sys.modules, "sglang", fake_sglang)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("NCCL_CUMEM_ENABLE", "0")  # as slurm/env.sh sets it
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    yield fake_sglang
+    dist.destroy_process_group()
+
+
+def _launch(start_timeout_s: float = 60.0, **kwargs):
+    return SGLangRolloutEngine.launch("/models/x", [0, 1], None, 0.6, 1, [1], start_timeout_s=start_timeout_s,
+                                      idle_timeout_s=60.0, **kwargs)
+
+
+def test_engine_start_leaves_the_trainers_environment_as_it_was(world_of_one):
+    """FAKE ``sglang.Engine``: writes NCCL_ALGO, NCCL_MIN/MAX_NCHANNELS, CUDA_DEVICE_MAX_CONNECTIONS=8, ... into
+    the calling process, as sglang 0.5.23 does; the trainer's environment must be unchanged after start."""
+    world_of_one.Engine = fake_engine_class(SHAPES)
+    before = dict(os.environ)
+    adapter = _launch(seeded=True)
+    assert adapter.is_host and adapter.engine.server_args["enable_deterministic_inference"] is True
+    assert dict(os.environ) == before
+    port = adapter.engine.server_args["nccl_port"]
+    assert port == 31002 and not 20000 <= port <= 29999  # slurm/launch.sh's MASTER_PORT range, torchrun's 29500
+
+
+def test_engine_start_past_its_deadline_stops_naming_the_key(world_of_one):
+    world_of_one.Engine = fake_engine_class(SHAPES, start_seconds=30.0)
+    before, started = dict(os.environ), time.monotonic()
+    with pytest.raises(SGLangError, match=r"did not start within 0.2 s; raise rollout.engine_start_timeout_s"):
+        _launch(start_timeout_s=0.2)
+    assert time.monotonic() - started < 5 and dict(os.environ) == before
 
 
 # ---------------------------------------------------------------- the adapter, an engine spanning two ranks
