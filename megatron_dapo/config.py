@@ -175,6 +175,10 @@ class TrainerConfig:
     eval_interval: int = option(
         0, "evaluate the validation problems every this many steps, besides before the first and after the last"
     )
+    stall_timeout_s: float = option(
+        3600.0, "a rank whose step makes no progress for this long dumps its Python stacks, names the ranks that "
+        "stopped answering and ends the job for a requeue from the last checkpoint (0: never; GPU configs: 1800)"
+    )
 
 
 @dataclass
@@ -287,7 +291,7 @@ _AT_LEAST_ONE = (
 )
 _NON_NEGATIVE = (
     "trainer.max_steps", "trainer.save_interval", "trainer.export_hf_interval", "trainer.keep_last",
-    "trainer.eval_interval", "optimizer.lr", "optimizer.min_lr",
+    "trainer.eval_interval", "trainer.stall_timeout_s", "optimizer.lr", "optimizer.min_lr",
     "optimizer.lr_warmup_steps", "optimizer.weight_decay", "algorithm.kl_coef", "algorithm.overlong_penalty_factor",
     "rollout.weight_sync_bucket_mb", "rollout.groups_in_flight", "reward.num_workers", "toy_model.sft_steps",
     "data.toy_num_val", "logging.rollout_dump_interval",

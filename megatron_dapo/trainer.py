@@ -41,6 +41,7 @@ from megatron_dapo.reward import RewardScorer
 from megatron_dapo.rollout.collect import JobRollout, StepRollout
 from megatron_dapo.rollout.dump import rollout_dump_rows, write_rollout_dump
 from megatron_dapo.rollout.factory import EnginePlacement, build_rollout_engine, engine_class
+from megatron_dapo.watchdog import StallWatchdog
 from megatron_dapo.weights.sync import export_hf, sync_weights
 
 
@@ -252,6 +253,22 @@ def _close_logging(logger: MetricsLogger | None, output_dir: str) -> None:
             write_report(output_dir)
 
 
+def _stall_watchdog(config: DapoConfig) -> StallWatchdog | None:
+    trainer = config.trainer
+    if trainer.stall_timeout_s <= 0:
+        return None
+    folder = Path(trainer.output_dir) / "heartbeats"
+    return StallWatchdog(trainer.stall_timeout_s, folder, dist.get_rank(), dist.get_world_size())
+
+
+def _finish(watchdog: StallWatchdog | None, logger: MetricsLogger | None, output_dir: str) -> None:
+    """The end of a run, finished or stopped: no stall can happen any more; the logs closed; no process group."""
+    if watchdog is not None:
+        watchdog.close()
+    _close_logging(logger, output_dir)
+    destroy_distributed()
+
+
 def train(config: DapoConfig) -> tuple[float | None, float | None]:
     """Run DAPO as configured; returns held-out avg@``rollout.val_n`` ``(before, after)`` over all validation
     problems (None without validation data).
@@ -273,6 +290,8 @@ def train(config: DapoConfig) -> tuple[float | None, float | None]:
     stop_requests = StopRequests()
     job = Job(config)
     first_step = job.restore()
+    stop_requests.steps_begin()  # from here a signal stops at a step boundary, with a checkpoint
+    watchdog = _stall_watchdog(config)
     resumed = first_step > 1
     # rank 0 logs; a sink that cannot start (W&B without credentials) stops every rank with its error
     logger = run_on_rank_zero(lambda: _metrics_logger(config, first_step - 1 if resumed else None), share_result=False)
@@ -285,6 +304,8 @@ def train(config: DapoConfig) -> tuple[float | None, float | None]:
     steps = range(first_step, config.trainer.max_steps + 1)
     progress = tqdm(steps, desc="DAPO", disable=not (is_rank_zero() and config.logging.progress_bar))
     for step in progress:
+        if watchdog is not None:
+            watchdog.progress(step)
         metrics = train_step(job, step)
         if job.evaluates_after(step):
             latest = job.evaluate(metrics)
@@ -296,13 +317,11 @@ def train(config: DapoConfig) -> tuple[float | None, float | None]:
         if stop_reason is not None and step < config.trainer.max_steps:
             if not saved:
                 job.save(step)
-            _close_logging(logger, config.trainer.output_dir)
-            destroy_distributed()
+            _finish(watchdog, logger, config.trainer.output_dir)
             raise Preempted(step, stop_reason)
     if config.trainer.export_hf:
         job.export_hf(Path(config.trainer.output_dir) / "hf_final")
-    _close_logging(logger, config.trainer.output_dir)
-    destroy_distributed()
+    _finish(watchdog, logger, config.trainer.output_dir)
     if before is None:
         return None, None
     return before.avg, latest.avg

@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--container-mounts", default=os.environ.get("CONTAINER_MOUNTS"), help="comma-separated src:dst")
     parser.add_argument("--time", default="48:00:00")
     parser.add_argument("--retries", type=int, default=3, help="slurm: requeues after a failure (resumed from checkpoints)")
+    parser.add_argument(
+        "--max-restarts", type=int, default=2,
+        help="torchrun restarts of the workers inside the job after a crash, each resumed from the last checkpoint",
+    )
     parser.add_argument("--wait", action="store_true", help="slurm: wait for the job to end (polls squeue)")
     parser.add_argument("overrides", nargs=argparse.REMAINDER, help="config overrides key.sub=value")
     return parser
@@ -49,8 +53,12 @@ def _parser() -> argparse.ArgumentParser:
 def _executor(args: argparse.Namespace):
     import nemo_run as run
 
+    # NeMo-Run 0.11.1's Torchrun launcher has no max_restarts (nemo_run/core/execution/launcher.py:64) and builds
+    # torchrun's command itself; torchrun reads every option from PET_<OPTION> as well (torch/distributed/run.py:491,
+    # argparse_util.env)
+    restarts = {"PET_MAX_RESTARTS": str(args.max_restarts)}
     if args.executor == "local":
-        return run.LocalExecutor(ntasks_per_node=args.nproc_per_node or 2, launcher="torchrun")
+        return run.LocalExecutor(ntasks_per_node=args.nproc_per_node or 2, launcher="torchrun", env_vars=restarts)
     if not args.account:  # NeMo-Run names the job after it
         raise SystemExit("launch_dapo.py: --executor slurm needs --account (or SLURM_ACCOUNT)")
     home = Path(os.environ.get("NEMORUN_HOME", Path.home() / ".nemo_run"))
@@ -67,6 +75,7 @@ def _executor(args: argparse.Namespace):
         packager=run.Packager(),  # the repository runs in place; no git archive of committed code
         launcher="torchrun",
         retries=args.retries,
+        env_vars=restarts,
         # NeMo-Run's script has just set head_node_ip from `hostname --ip-address` (127.0.1.1 on Debian hosts)
         setup_lines=f"source {REPO}/slurm/env.sh\nsource {REPO}/slurm/head_address.sh\n"
         'head_node_ip=$(head_address "$head_node")',
