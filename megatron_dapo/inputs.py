@@ -3,6 +3,7 @@ global rank 0 writes the toy problems and builds the warm-started toy model unde
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -60,9 +61,12 @@ def validation_files(config: DapoConfig) -> list[str]:
     return [str(write_toy_dataset(path, data.toy_num_val, data.toy_seed + 1, data.toy_task))]
 
 
-def prepare_inputs(config: DapoConfig) -> tuple[str, list[str], list[str]]:
+def prepare_inputs(
+    config: DapoConfig, interrupt: Callable[[], None] | None = None
+) -> tuple[str, list[str], list[str]]:
     """The HF model folder and the train/validation files (collective: rank 0 creates the toy ones and writes
-    the run's whole config to ``output_dir/config.yaml``, for reading what a run used)."""
+    the run's whole config to ``output_dir/config.yaml``, for reading what a run used). ``interrupt`` may end the
+    toy warm start by raising; every rank then raises it."""
     out = Path(config.trainer.output_dir)
     hf_dir = config.model.hf_path or str(out / "toy_init")
 
@@ -76,7 +80,8 @@ def prepare_inputs(config: DapoConfig) -> tuple[str, list[str], list[str]]:
             train_files = [str(write_toy_dataset(path, data.toy_num_train, data.toy_seed, data.toy_task))]
         if config.model.hf_path is None:
             build_toy_checkpoint(
-                config.toy_model, load_prompt_files(train_files), hf_dir, config.trainer.seed, config.logging.progress_bar
+                config.toy_model, load_prompt_files(train_files), hf_dir, config.trainer.seed, config.logging.progress_bar,
+                interrupt,
             )
         return train_files, validation_files(config)
 

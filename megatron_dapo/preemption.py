@@ -11,10 +11,13 @@ which every rank looks for on the shared file system (slurm/launch.sh).
 
 Ctrl-C (SIGINT) is a stop request too, from a user rather than a scheduler: the run checkpoints at the next step
 boundary and exits with ``INTERRUPT_EXIT_CODE`` (130, the shell's code for Ctrl-C) without a requeue marker; a
-second Ctrl-C exits at once. Under torchrun a Ctrl-C reaches every worker twice (the terminal signals the whole
-process group, then torchrun forwards its own SIGINT): one within ``SAME_CTRL_C_S`` of the first counts as the same
-key press. Before the first step (toy warm start, model loading) there is nothing to checkpoint: a signal stops
-the rank where it is (``Stopped``), which says that no checkpoint was written.
+second Ctrl-C exits at once. A launcher may deliver one key press twice (the terminal signals a process group,
+the launcher forwards its own copy): a SIGINT within ``SAME_CTRL_C_S`` of the first counts as the same one. torchrun
+starts its workers in sessions of their own (torch/distributed/elastic/multiprocessing/subprocess_handler/
+subprocess_handler.py:66) and forwards the SIGINT it receives once, then kills them after 30 s (agent/server/
+api.py:753, multiprocessing/api.py:1023). Before the first step (toy warm start, model loading) there is nothing
+to checkpoint: every rank stops at the end of the warm start's current step or of model loading (``Stopped``),
+saying that no checkpoint was written.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ class Preempted(Exception):
 
 
 class Stopped(Exception):
-    """A signal arrived before the first step: this rank stopped where it was; no checkpoint was written."""
+    """A signal arrived before the first step: every rank stopped before training; no checkpoint was written."""
 
     def __init__(self, signum: int, phase: str) -> None:
         name = signal.Signals(signum).name
@@ -68,22 +71,25 @@ class Stopped(Exception):
 class StopRequests:
     """Records SIGTERM/SIGUSR1/SIGINT and watches the launcher's stop file.
 
-    During ``phase`` (set before the first step: the warm start, model loading) a signal raises ``Stopped`` at
-    once; from ``steps_begin()`` on the handlers only set a flag, so a checkpoint being written is never cut short.
+    The handlers only set a flag (the second Ctrl-C excepted): raising inside them could interrupt one rank
+    between the two halves of a collective and leave the others waiting or failing with a traceback, and a
+    checkpoint being written is never cut short. The flag is acted on where every rank can stop together: at
+    each step end (``agreed``), after model loading (``stop_if_any_rank``) and, on the rank that runs it, at each
+    step of the toy warm start (``stop_if_signalled``: its result or exception reaches every rank).
     """
 
     def __init__(self) -> None:
         self.received: int | None = None
         self.stop_file = os.environ.get(STOP_FILE_ENV) or None
-        self.phase: str | None = "the warm start or model loading"
+        self.steps_began = False
         self._first_ctrl_c: float | None = None
         if threading.current_thread() is threading.main_thread():
             for signum in SIGNALS:
                 signal.signal(signum, self._record)
 
     def steps_begin(self) -> None:
-        """From now on a signal is acted on at the next step boundary, after a checkpoint."""
-        self.phase = None
+        """From now on a stop comes at the next step boundary, after a checkpoint."""
+        self.steps_began = True
 
     def _record(self, signum: int, _frame: object) -> None:
         if signum == signal.SIGINT:
@@ -93,23 +99,37 @@ class StopRequests:
                 os._exit(INTERRUPT_EXIT_CODE)  # a collective may be waiting: nothing else would end the process
             if self._first_ctrl_c is None:
                 self._first_ctrl_c = now
-                if self.phase is None:
-                    print("interrupted: stopping at the next step boundary with a checkpoint "
-                          "(Ctrl-C again to exit at once)", file=sys.stderr, flush=True)
+                if int(os.environ.get("RANK", "0")) == 0:  # one line per job (torchrun's RANK; 0 without it)
+                    where = ("at the next step boundary with a checkpoint" if self.steps_began
+                             else "once the warm start or model loading can stop")
+                    print(f"interrupted: stopping {where} (Ctrl-C again to exit at once)", file=sys.stderr, flush=True)
         self.received = self.received or signum
-        if self.phase is not None:
-            phase, self.phase = self.phase, None  # a repeated signal must not interrupt the unwinding
-            raise Stopped(signum, phase)
+
+    def stop_if_signalled(self, phase: str) -> None:
+        """Raise ``Stopped`` when this rank received a signal (for work that this rank alone does)."""
+        if self.received is not None:
+            raise Stopped(self.received, phase)
+
+    def stop_if_any_rank(self, phase: str, device: torch.device) -> None:
+        """Raise ``Stopped`` on every rank when any rank received a signal (collective). Before the first step
+        only signals count: the launcher's stop file waits for step 1 and its checkpoint."""
+        code = _max_over_ranks(self.received or 0, device)
+        if code:
+            raise Stopped(code, phase)
 
     def agreed(self, device: torch.device) -> str | None:
         """Why to stop when any rank was asked to (collective: every rank learns it), else ``None``."""
         code = _STOP_FILE_CODE if self.stop_file and Path(self.stop_file).exists() else (self.received or 0)
-        flag = torch.tensor([float(code)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        code = int(flag.item())
+        code = _max_over_ranks(code, device)
         if code == 0:
             return None
         return "stop file" if code == _STOP_FILE_CODE else f"{signal.Signals(code).name} received"
+
+
+def _max_over_ranks(code: int, device: torch.device) -> int:
+    flag = torch.tensor([float(code)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
 
 
 def write_requeue_marker(reason: str) -> None:

@@ -49,10 +49,12 @@ class Job:
     """What the steps share: the config, data, tokenizer, the actor (every rank), this rank's part of its
     rollout engine (``None`` on a CPU engine's other ranks) and the job's rollout across engines."""
 
-    def __init__(self, config: DapoConfig) -> None:
+    def __init__(self, config: DapoConfig, stop_requests: StopRequests) -> None:
         alg, ro = config.algorithm, config.rollout
         self.config = config
-        self.hf_dir, train_files, val_files = prepare_inputs(config)
+        self.hf_dir, train_files, val_files = prepare_inputs(
+            config, lambda: stop_requests.stop_if_signalled("the toy warm start")
+        )
         self.tokenizer = load_tokenizer(self.hf_dir)
         self.train_records = load_prompts(train_files, config.data.deduplicate)
         self.val_records = load_prompts(val_files, config.data.deduplicate) if val_files else []
@@ -288,8 +290,9 @@ def train(config: DapoConfig) -> tuple[float | None, float | None]:
     )
     torch.manual_seed(config.trainer.seed)
     stop_requests = StopRequests()
-    job = Job(config)
+    job = Job(config, stop_requests)
     first_step = job.restore()
+    stop_requests.stop_if_any_rank("model loading", job.actor.device)  # nothing to checkpoint yet
     stop_requests.steps_begin()  # from here a signal stops at a step boundary, with a checkpoint
     watchdog = _stall_watchdog(config)
     resumed = first_step > 1

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -94,25 +93,45 @@ def test_ctrl_c_is_a_stop_request_and_a_second_one_exits_at_once_without_a_trace
     ]
 
 
-def test_a_signal_before_the_first_step_stops_there_and_reaches_every_rank_as_one_error():
-    stops = StopRequests()  # phase: the warm start or model loading
-    previous = signal.getsignal(signal.SIGTERM)
+def _before_steps(rank: int, port: int, stop_file: str, results: dict) -> None:
+    os.environ[STOP_FILE_ENV] = stop_file
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
+        stops = StopRequests()
+        open(stop_file, "w").close()  # the launcher's stop file waits for step 1 and its checkpoint
+        stops.stop_if_any_rank("model loading", torch.device("cpu"))
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # recorded only: rank 0 knows nothing of it
+        try:
+            stops.stop_if_any_rank("model loading", torch.device("cpu"))
+        except Stopped as stopped:
+            results[rank] = (str(stopped), stopped.exit_code)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_signal_before_the_first_step_stops_every_rank_saying_that_no_checkpoint_exists(tmp_path):
+    results = mp.Manager().dict()
+    mp.spawn(_before_steps, args=(_free_port(), str(tmp_path / "stop"), results), nprocs=2, join=True)
+    line = "stopped during model loading (SIGTERM received) before the first step: no checkpoint was written"
+    assert dict(results) == {0: (line, 75), 1: (line, 75)}
+
+
+def test_the_warm_start_rank_stops_on_its_own_signal_and_the_error_travels_to_every_rank():
+    stops = StopRequests()
+    try:
+        stops.stop_if_signalled("the toy warm start")  # nothing received: goes on
+        os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: recorded, one line on stderr
         with pytest.raises(Stopped) as stopped:
-            os.kill(os.getpid(), signal.SIGTERM)
-            for _ in range(1000):  # the handler runs between bytecodes of this loop
-                time.sleep(0.001)
-        os.kill(os.getpid(), signal.SIGTERM)  # a repeat while unwinding is only recorded
+            stops.stop_if_signalled("the toy warm start")
     finally:
         for signum in SIGNALS:
-            signal.signal(signum, previous if signum == signal.SIGTERM else signal.default_int_handler
-                          if signum == signal.SIGINT else signal.SIG_DFL)
-    assert str(stopped.value) == ("stopped during the warm start or model loading (SIGTERM received) before the "
-                                  "first step: no checkpoint was written")
-    assert stopped.value.exit_code == 75
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+    assert str(stopped.value) == ("stopped during the toy warm start (SIGINT received) before the first step: "
+                                  "no checkpoint was written")
+    assert stopped.value.exit_code == 130  # Ctrl-C: nothing to requeue
     copy = pickle.loads(pickle.dumps(stopped.value))  # run_on_rank_zero sends rank 0's exception to every rank
-    assert (str(copy), copy.exit_code) == (str(stopped.value), 75)
-    assert Stopped(signal.SIGINT, "model loading").exit_code == 130  # Ctrl-C: nothing to requeue
+    assert (str(copy), copy.exit_code) == (str(stopped.value), 130)
 
 
 def test_preempted_by_ctrl_c_is_not_requeued():
