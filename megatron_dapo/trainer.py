@@ -45,6 +45,23 @@ from megatron_dapo.watchdog import StallWatchdog
 from megatron_dapo.weights.sync import export_hf, sync_weights
 
 
+def checkpoint_dir(config: DapoConfig) -> Path:
+    return Path(config.trainer.save_dir or Path(config.trainer.output_dir) / "checkpoints")
+
+
+def _stop_again_before_loading(config: DapoConfig, stop_requests: StopRequests) -> None:
+    """torchrun's in-job restarts (``--max-restarts``) also restart workers that stopped for a requeue: while
+    the launcher's stop file is there and the checkpoint it asked for exists, stop again before loading anything
+    (collective)."""
+    latest = latest_checkpoint(checkpoint_dir(config)) if config.trainer.resume else None
+    if latest is None:
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if stop_requests.agreed(device) == "stop file":
+        destroy_distributed()
+        raise Preempted(int(latest.name.removeprefix("iter_")), "stop file")
+
+
 class Job:
     """What the steps share: the config, data, tokenizer, the actor (every rank), this rank's part of its
     rollout engine (``None`` on a CPU engine's other ranks) and the job's rollout across engines."""
@@ -79,7 +96,7 @@ class Job:
         dist.all_gather_object(dp_rank_of, parallel_state.get_data_parallel_rank())
         self.rollout = JobRollout(self.engine, self.placement, self.tokenizer, ro, alg, scorer, config.trainer.seed, dp_rank_of)
         self.bucket_bytes = ro.weight_sync_bucket_mb * 1024**2
-        self.save_dir = Path(config.trainer.save_dir or Path(config.trainer.output_dir) / "checkpoints")
+        self.save_dir = checkpoint_dir(config)
 
     # ------------------------------------------------------------------ the colocated phases (docs/design.md)
     def release_engine(self) -> None:
@@ -290,6 +307,7 @@ def train(config: DapoConfig) -> tuple[float | None, float | None]:
     )
     torch.manual_seed(config.trainer.seed)
     stop_requests = StopRequests()
+    _stop_again_before_loading(config, stop_requests)
     job = Job(config, stop_requests)
     first_step = job.restore()
     stop_requests.stop_if_any_rank("model loading", job.actor.device)  # nothing to checkpoint yet

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ..helpers import ROOT, TOY_CONFIG, metrics_rows
+from ..helpers import ROOT, TOY_CONFIG, metrics_rows, run_cli
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end: minutes on 2 cores
 
@@ -141,3 +141,17 @@ def test_a_worker_killed_mid_run_is_restarted_in_the_job_and_the_run_equals_an_u
     for step in (1, 2, 3):
         for key in COMPARED:
             assert resumed[step][key] == pytest.approx(expected[step][key], rel=1e-6, abs=1e-9), (step, key)
+
+
+def test_a_restart_while_the_stop_file_is_there_stops_again_before_loading(tmp_path):
+    """torchrun --max-restarts restarts workers that stopped for a requeue too: the restarted run must not train
+    on into the scheduler's time limit."""
+    out, stop, marker = tmp_path / "run", tmp_path / "stop", tmp_path / "marker"
+    stop.touch()
+    env = dict(os.environ, MEGATRON_DAPO_STOP_FILE=str(stop), MEGATRON_DAPO_REQUEUE_MARKER=str(marker))
+    args = [f"trainer.output_dir={out}", "trainer.max_steps=3", *TINY]
+    assert run_cli(*args, env=env).returncode == 75  # stopped after step 1 with a checkpoint
+    again = run_cli(*args, env=env)
+    assert again.returncode == 75, again.stderr[-3000:]
+    assert again.stdout.splitlines() == ["preempted: stopped after step 1 (stop file) with a checkpoint, for a requeue"]
+    assert _steps_logged(out) == [0, 1]

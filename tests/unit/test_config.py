@@ -85,6 +85,7 @@ def test_every_option_is_listed_with_its_documentation():
         ("toy_model.sft_loop=1.5", "toy_model.sft_loop=1.5 must be in [0, 1]"),
         ("toy_model.sft_ramble=0.99", "toy_model.sft_ramble=0.99 + toy_model.sft_loop=0.05 must be at most 1"),
         ("trainer.eval_interval=-2", "trainer.eval_interval=-2 must be >= 0"),
+        ("trainer.stall_timeout_s=-1", "trainer.stall_timeout_s=-1.0 must be >= 0"),
     ],
 )
 def test_value_ranges_are_checked_before_any_work(override, message):
