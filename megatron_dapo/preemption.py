@@ -15,7 +15,7 @@ second Ctrl-C exits at once. A launcher may deliver one key press twice (the ter
 the launcher forwards its own copy): a SIGINT within ``SAME_CTRL_C_S`` of the first counts as the same one. torchrun
 starts its workers in sessions of their own (torch/distributed/elastic/multiprocessing/subprocess_handler/
 subprocess_handler.py:66) and forwards the SIGINT it receives once, then kills them after 30 s (agent/server/
-api.py:753, multiprocessing/api.py:1023). Before the first step (toy warm start, model loading) there is nothing
+api.py:753, multiprocessing/api.py:1023; ``--shutdown-timeout`` sets it). Before the first step (toy warm start, model loading) there is nothing
 to checkpoint: every rank stops at the end of the warm start's current step or of model loading (``Stopped``),
 saying that no checkpoint was written.
 """

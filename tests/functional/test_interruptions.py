@@ -27,8 +27,10 @@ COMPARED = ["actor/pg_loss", "actor/grad_norm", "actor/lr", "acc/mean", "entropy
 
 
 def _torchrun(out: Path, *overrides: str, restarts: int = 0) -> list[str]:
+    # --shutdown-timeout: torchrun SIGKILLs its workers this long after forwarding a signal (default 30 s; a toy
+    # step on 2 cores shared with other jobs can take longer)
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "--max-restarts", str(restarts), "-m", "megatron_dapo", "train", "--config", str(TOY_CONFIG),
+            "--max-restarts", str(restarts), "--shutdown-timeout", "600", "-m", "megatron_dapo", "train", "--config", str(TOY_CONFIG),
             f"trainer.output_dir={out}", *TINY, *overrides]
 
 
