@@ -46,6 +46,7 @@ from megatron_dapo.weights.sync import export_hf, sync_weights
 
 
 def checkpoint_dir(config: DapoConfig) -> Path:
+    """``trainer.save_dir``, by default ``output_dir/checkpoints`` (read before the job is built, and by it)."""
     return Path(config.trainer.save_dir or Path(config.trainer.output_dir) / "checkpoints")
 
 
@@ -273,6 +274,7 @@ def _close_logging(logger: MetricsLogger | None, output_dir: str) -> None:
 
 
 def _stall_watchdog(config: DapoConfig) -> StallWatchdog | None:
+    """This rank's watchdog (``trainer.stall_timeout_s``; none when 0), heartbeating into ``output_dir``."""
     trainer = config.trainer
     if trainer.stall_timeout_s <= 0:
         return None
