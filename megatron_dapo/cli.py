@@ -10,7 +10,9 @@
   (finished or still running; ``megatron_dapo/report.py``).
 
 Errors the user can fix (``UserError``) end the command with one line on stderr and exit code 2, on every rank.
-A stop for a requeue (SIGTERM/SIGUSR1, ``megatron_dapo/preemption.py``) exits with code 75 after a checkpoint.
+A stop for a requeue (SIGTERM/SIGUSR1, ``megatron_dapo/preemption.py``) exits with code 75 after a checkpoint;
+Ctrl-C (SIGINT) with code 130 after a checkpoint (a second Ctrl-C: at once). A signal before the first step ends
+the run with the same codes and one line saying that no checkpoint was written.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from typing import TYPE_CHECKING
 
 from megatron_dapo.config import DapoConfig, describe_options, load_config
 from megatron_dapo.errors import ConfigError, UserError
-from megatron_dapo.preemption import REQUEUE_EXIT_CODE, Preempted, write_requeue_marker
+from megatron_dapo.preemption import (
+    REQUEUE_EXIT_CODE, Preempted, Stopped, clear_requeue_marker, write_requeue_marker,
+)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -179,11 +183,14 @@ def main(argv: list[str] | None = None) -> int:
         if is_rank_zero():
             print(f"error: {error}", file=sys.stderr)
         return 2
-    except Preempted as stop:
+    except (Preempted, Stopped) as stop:
         if is_rank_zero():
-            write_requeue_marker(str(stop))
-            print(f"preempted: {stop}", flush=True)
-        return REQUEUE_EXIT_CODE
+            if stop.exit_code == REQUEUE_EXIT_CODE:
+                write_requeue_marker(str(stop))
+            print(f"{'preempted' if stop.exit_code == REQUEUE_EXIT_CODE else 'interrupted'}: {stop}", flush=True)
+        return stop.exit_code
+    if is_rank_zero():
+        clear_requeue_marker()
     if is_rank_zero() and before is not None:
         print(f"eval accuracy: before={before:.3f} after={after:.3f}", flush=True)
     return 0

@@ -198,6 +198,10 @@ class TrainerConfig:
         30, "process groups' collective timeout (megatron's --distributed-timeout-minutes): a rank that waits "
         "longer on its peers stops with an error"
     )
+    stall_timeout_s: float = option(
+        3600.0, "a rank whose step makes no progress for this long dumps its Python stacks, names the ranks that "
+        "stopped answering and ends the job for a requeue from the last checkpoint (0: never; GPU configs: 1800)"
+    )
 
 
 @dataclass
@@ -318,7 +322,7 @@ _AT_LEAST_ONE = (
 )
 _NON_NEGATIVE = (
     "trainer.max_steps", "trainer.save_interval", "trainer.export_hf_interval", "trainer.keep_last",
-    "trainer.eval_interval", "optimizer.min_lr",
+    "trainer.eval_interval", "trainer.stall_timeout_s", "optimizer.min_lr",
     "optimizer.lr_warmup_steps", "optimizer.weight_decay", "algorithm.kl_coef", "algorithm.overlong_penalty_factor",
     "rollout.weight_sync_bucket_mb", "rollout.groups_in_flight", "reward.num_workers", "toy_model.sft_steps",
     "data.toy_num_val", "logging.rollout_dump_interval",

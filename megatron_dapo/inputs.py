@@ -3,6 +3,7 @@ global rank 0 writes the toy problems and builds the warm-started toy model unde
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -121,8 +122,11 @@ def write_run_config(config: DapoConfig) -> None:
     (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
-def prepare_inputs(config: DapoConfig) -> tuple[str, list[str], list[str]]:
-    """The HF model folder and the train/validation files (collective: rank 0 creates the toy ones)."""
+def prepare_inputs(
+    config: DapoConfig, interrupt: Callable[[], None] | None = None
+) -> tuple[str, list[str], list[str]]:
+    """The HF model folder and the train/validation files (collective: rank 0 creates the toy ones). ``interrupt``
+    may end the toy warm start by raising; every rank then raises it."""
     out = Path(config.trainer.output_dir)
     hf_dir = config.model.hf_path or str(out / "toy_init")
 
@@ -135,7 +139,8 @@ def prepare_inputs(config: DapoConfig) -> tuple[str, list[str], list[str]]:
             train_files = [str(write_toy_dataset(path, data.toy_num_train, data.toy_seed, data.toy_task))]
         if config.model.hf_path is None:
             build_toy_checkpoint(
-                config.toy_model, load_prompt_files(train_files), hf_dir, config.trainer.seed, config.logging.progress_bar
+                config.toy_model, load_prompt_files(train_files), hf_dir, config.trainer.seed, config.logging.progress_bar,
+                interrupt,
             )
         return train_files, validation_files(config)
 

@@ -50,21 +50,38 @@ from megatron_dapo.reward import RewardScorer
 from megatron_dapo.rollout.collect import JobRollout, StepRollout
 from megatron_dapo.rollout.dump import rollout_dump_rows, write_rollout_dump
 from megatron_dapo.rollout.factory import EnginePlacement, build_rollout_engine, engine_class
+from megatron_dapo.watchdog import StallWatchdog
 from megatron_dapo.weights.sync import export_hf, sync_weights
 
 
-def _save_dir(config: DapoConfig) -> Path:
+def checkpoint_dir(config: DapoConfig) -> Path:
+    """``trainer.save_dir``, by default ``output_dir/checkpoints`` (read before the job is built, and by it)."""
     return Path(config.trainer.save_dir or Path(config.trainer.output_dir) / "checkpoints")
+
+
+def _stop_again_before_loading(config: DapoConfig, stop_requests: StopRequests) -> None:
+    """torchrun's in-job restarts (``--max-restarts``) also restart workers that stopped for a requeue: while
+    the launcher's stop file is there and the checkpoint it asked for exists, stop again before loading anything
+    (collective)."""
+    latest = latest_checkpoint(checkpoint_dir(config)) if config.trainer.resume else None
+    if latest is None:
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if stop_requests.agreed(device) == "stop file":
+        destroy_distributed()
+        raise Preempted(int(latest.name.removeprefix("iter_")), "stop file")
 
 
 class Job:
     """What the steps share: the config, data, tokenizer, the actor (every rank), this rank's part of its
     rollout engine (``None`` on a CPU engine's other ranks) and the job's rollout across engines."""
 
-    def __init__(self, config: DapoConfig) -> None:
+    def __init__(self, config: DapoConfig, stop_requests: StopRequests) -> None:
         alg, ro = config.algorithm, config.rollout
         self.config = config
-        self.hf_dir, train_files, val_files = prepare_inputs(config)
+        self.hf_dir, train_files, val_files = prepare_inputs(
+            config, lambda: stop_requests.stop_if_signalled("the toy warm start")
+        )
         self.tokenizer = load_tokenizer(self.hf_dir)
         max_positions = model_hf_config(config).max_position_embeddings
         self.train_records, dropped_train = fit_prompts(
@@ -97,7 +114,7 @@ class Job:
         dist.all_gather_object(dp_rank_of, parallel_state.get_data_parallel_rank())
         self.rollout = JobRollout(self.engine, self.placement, self.tokenizer, ro, alg, scorer, config.trainer.seed, dp_rank_of)
         self.bucket_bytes = ro.weight_sync_bucket_mb * 1024**2
-        self.save_dir = _save_dir(config)
+        self.save_dir = checkpoint_dir(config)
 
     # ------------------------------------------------------------------ the colocated phases (docs/design.md)
     def release_engine(self) -> None:
@@ -274,6 +291,23 @@ def _close_logging(logger: MetricsLogger | None, output_dir: str) -> None:
             write_report(output_dir)
 
 
+def _stall_watchdog(config: DapoConfig) -> StallWatchdog | None:
+    """This rank's watchdog (``trainer.stall_timeout_s``; none when 0), heartbeating into ``output_dir``."""
+    trainer = config.trainer
+    if trainer.stall_timeout_s <= 0:
+        return None
+    folder = Path(trainer.output_dir) / "heartbeats"
+    return StallWatchdog(trainer.stall_timeout_s, folder, dist.get_rank(), dist.get_world_size())
+
+
+def _finish(watchdog: StallWatchdog | None, logger: MetricsLogger | None, output_dir: str) -> None:
+    """The end of a run, finished or stopped: no stall can happen any more; the logs closed; no process group."""
+    if watchdog is not None:
+        watchdog.close()
+    _close_logging(logger, output_dir)
+    destroy_distributed()
+
+
 def train(config: DapoConfig) -> tuple[float | None, float | None]:
     """Run DAPO as configured; returns held-out avg@``rollout.val_n`` ``(before, after)`` over all validation
     problems (None without validation data).
@@ -290,7 +324,7 @@ def train(config: DapoConfig) -> tuple[float | None, float | None]:
     # the folder's owner is decided before anything is written there (rank 0 decides, every rank follows)
     lock = run_on_rank_zero(lambda: OutputLock(config.trainer.output_dir), share_result=False)
     try:
-        run_on_rank_zero(lambda: claim_output_dir(config.trainer, _save_dir(config), model_hf_config(config)))
+        run_on_rank_zero(lambda: claim_output_dir(config.trainer, checkpoint_dir(config), model_hf_config(config)))
         return _train(config)
     finally:
         if lock is not None:
@@ -305,8 +339,12 @@ def _train(config: DapoConfig) -> tuple[float | None, float | None]:
     )
     torch.manual_seed(config.trainer.seed)
     stop_requests = StopRequests()
-    job = Job(config)
+    _stop_again_before_loading(config, stop_requests)
+    job = Job(config, stop_requests)
     first_step = job.restore()
+    stop_requests.stop_if_any_rank("model loading", job.actor.device)  # nothing to checkpoint yet
+    stop_requests.steps_begin()  # from here a signal stops at a step boundary, with a checkpoint
+    watchdog = _stall_watchdog(config)
     resumed = first_step > 1
     # written once the checkpoint is restored: a refused resume leaves the earlier run's config.yaml as it was
     run_on_rank_zero(lambda: write_run_config(config))
@@ -321,6 +359,8 @@ def _train(config: DapoConfig) -> tuple[float | None, float | None]:
     steps = range(first_step, config.trainer.max_steps + 1)
     progress = tqdm(steps, desc="DAPO", disable=not (is_rank_zero() and config.logging.progress_bar))
     for step in progress:
+        if watchdog is not None:
+            watchdog.progress(step)
         metrics = train_step(job, step)
         if job.evaluates_after(step):
             latest = job.evaluate(metrics)
@@ -332,13 +372,11 @@ def _train(config: DapoConfig) -> tuple[float | None, float | None]:
         if stop_reason is not None and step < config.trainer.max_steps:
             if not saved:
                 job.save(step)
-            _close_logging(logger, config.trainer.output_dir)
-            destroy_distributed()
+            _finish(watchdog, logger, config.trainer.output_dir)
             raise Preempted(step, stop_reason)
     if config.trainer.export_hf:
         job.export_hf(Path(config.trainer.output_dir) / "hf_final")
-    _close_logging(logger, config.trainer.output_dir)
-    destroy_distributed()
+    _finish(watchdog, logger, config.trainer.output_dir)
     if before is None:
         return None, None
     return before.avg, latest.avg

@@ -4,7 +4,10 @@
 # One srun task per node runs slurm/node.sh, i.e. torchrun with c10d rendezvous on the first node. The warning
 # signal Slurm sends the batch shell before the time limit (#SBATCH --signal=B:USR1@600; also SIGTERM) becomes a
 # stop file (MEGATRON_DAPO_STOP_FILE): the trainer's ranks checkpoint at the next step boundary and exit with code
-# 75 and a marker file; the job then requeues itself and the requeued run resumes from that checkpoint.
+# 75 and a marker file; the job then requeues itself and the requeued run resumes from that checkpoint. A stalled
+# rank (trainer.stall_timeout_s, megatron_dapo/watchdog.py) writes the same marker before its ranks exit: the job
+# requeues and resumes from the last checkpoint. A crash restarts the workers inside the job first (MAX_RESTARTS,
+# slurm/node.sh); a run that then finishes removes the marker, so a finished job is never requeued.
 #
 # Environment (defaults in brackets): CONFIG [set by the .sbatch], NPROC_PER_NODE [GPUs on the node, else 8],
 # LOG_DIR [<repo>/logs], MASTER_PORT [20000 + job id % 10000], HEAD_ADDR [resolved below], CONTAINER_IMAGE and
@@ -94,7 +97,7 @@ done
 status=0
 wait "$srun_pid" || status=$?  # its exit status (bash keeps it for its children)
 if [[ -e "$MEGATRON_DAPO_REQUEUE_MARKER" ]]; then
-  echo "launch.sh: requeueing job $SLURM_JOB_ID (run $RESTART stopped with a checkpoint)" | tee -a "$LOG"
+  echo "launch.sh: requeueing job $SLURM_JOB_ID (run $RESTART: $(head -n1 "$MEGATRON_DAPO_REQUEUE_MARKER"))" | tee -a "$LOG"
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
 fi

@@ -9,6 +9,8 @@
 # --local-addr: the workers' MASTER_ADDR is the address of the agent that the rendezvous ranks 0 (any node), by
 # default its getfqdn() (dynamic_rendezvous.py:269, api.py:90), which can be unreachable the same way; each node
 # gives its address on the gloo interface instead (HEAD_ADDR on node 0).
+# MAX_RESTARTS [2]: torchrun restarts the workers this often after a crash, inside the allocation; each restart
+# resumes from the last checkpoint (trainer.resume).
 # torch 2.14.1 (the GPU pin) was not checked here; these lines are read from 2.13.0.
 set -euo pipefail
 
@@ -21,6 +23,7 @@ else
     | awk '{split($4, a, "/"); print a[1]; exit}') || local_addr=
 fi
 torchrun_args=(--nnodes "$SLURM_JOB_NUM_NODES" --nproc-per-node "$NPROC_PER_NODE"
-  --rdzv-backend c10d --rdzv-endpoint "$HEAD_ADDR:$MASTER_PORT" --rdzv-id "$SLURM_JOB_ID" --rdzv-conf "is_host=$is_host")
+  --rdzv-backend c10d --rdzv-endpoint "$HEAD_ADDR:$MASTER_PORT" --rdzv-id "$SLURM_JOB_ID" --rdzv-conf "is_host=$is_host"
+  --max-restarts "${MAX_RESTARTS:-2}")
 [[ -z "$local_addr" ]] || torchrun_args+=(--local-addr "$local_addr")
 exec python -m megatron_dapo.torchrun "${torchrun_args[@]}" -m megatron_dapo train --config "$CONFIG" "$@"

@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--container-mounts", default=os.environ.get("CONTAINER_MOUNTS"), help="comma-separated src:dst")
     parser.add_argument("--time", default="48:00:00")
     parser.add_argument("--retries", type=int, default=3, help="slurm: requeues after a failure (resumed from checkpoints)")
+    parser.add_argument(
+        "--max-restarts", type=int, default=2,
+        help="torchrun restarts of the workers inside the job after a crash, each resumed from the last checkpoint",
+    )
     parser.add_argument("--wait", action="store_true", help="slurm: wait for the job to end (polls squeue)")
     parser.add_argument("overrides", nargs=argparse.REMAINDER, help="config overrides key.sub=value")
     return parser
@@ -55,7 +59,11 @@ def _executor(args: argparse.Namespace, config: str):
     import nemo_run as run
 
     if args.executor == "local":
-        return run.LocalExecutor(ntasks_per_node=args.nproc_per_node or 2, launcher="torchrun")
+        # NeMo-Run 0.11.1's Torchrun launcher has no max_restarts (nemo_run/core/execution/launcher.py:64) and builds
+        # torchrun's command itself; torchrun reads every option from PET_<OPTION> as well (torch/distributed/run.py:491,
+        # argparse_util.env)
+        restarts = {"PET_MAX_RESTARTS": str(args.max_restarts)}
+        return run.LocalExecutor(ntasks_per_node=args.nproc_per_node or 2, launcher="torchrun", env_vars=restarts)
     if not args.account:  # NeMo-Run names the job after it
         raise SystemExit("launch_dapo.py: --executor slurm needs --account (or SLURM_ACCOUNT)")
     home = Path(os.environ.get("NEMORUN_HOME", Path.home() / ".nemo_run"))
@@ -65,7 +73,10 @@ def _executor(args: argparse.Namespace, config: str):
         nodes=args.nodes,
         ntasks_per_node=1,  # slurm/node.sh on each node starts torchrun's processes
         gpus_per_node=args.gpus_per_node,
-        env_vars={"CONFIG": config, "NPROC_PER_NODE": str(args.nproc_per_node or args.gpus_per_node)},
+        env_vars={  # what slurm/node.sh reads (it passes MAX_RESTARTS to torchrun)
+            "CONFIG": config, "NPROC_PER_NODE": str(args.nproc_per_node or args.gpus_per_node),
+            "MAX_RESTARTS": str(args.max_restarts),
+        },
         container_image=args.container_image,
         container_mounts=args.container_mounts.split(",") if args.container_mounts else [],
         time=args.time,

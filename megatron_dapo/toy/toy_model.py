@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import string
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -123,26 +124,31 @@ WARM_START_THREADS = 2
 
 
 def build_toy_checkpoint(
-    cfg: ToyModelConfig, records: list[PromptRecord], out_dir: str | Path, seed: int, progress_bar: bool = False
+    cfg: ToyModelConfig, records: list[PromptRecord], out_dir: str | Path, seed: int, progress_bar: bool = False,
+    interrupt: Callable[[], None] | None = None,
 ) -> Path:
     """Create, warm-start and save the toy policy as an HF folder.
 
     The warm start imitates a noisy teacher (arithmetic: a share ``cfg.sft_answer_noise`` of demonstrated answers
     is off by 1–9; countdowns: wrong steps, rambling and looping solutions): the policy learns the task but
     samples wrong, long or endless answers often, like a base model that knows more than it reliably says — the
-    situation DAPO's sharpening of correct answers and its overlong handling improve.
+    situation DAPO's sharpening of correct answers and its overlong handling improve. ``interrupt`` runs before
+    every warm-start step and raises to abandon it (a stop requested by a signal).
     """
     threads = torch.get_num_threads()
     # the same weights under every launcher (torchrun gives each process one thread): 2000 steps' results depend on
     # the reduction order, which the thread count decides; two threads is the speed of a 2-core laptop
     torch.set_num_threads(WARM_START_THREADS)
     try:
-        return _warm_start(cfg, records, Path(out_dir), seed, progress_bar)
+        return _warm_start(cfg, records, Path(out_dir), seed, progress_bar, interrupt or (lambda: None))
     finally:
         torch.set_num_threads(threads)
 
 
-def _warm_start(cfg: ToyModelConfig, records: list[PromptRecord], out_dir: Path, seed: int, progress_bar: bool) -> Path:
+def _warm_start(
+    cfg: ToyModelConfig, records: list[PromptRecord], out_dir: Path, seed: int, progress_bar: bool,
+    interrupt: Callable[[], None],
+) -> Path:
     torch.manual_seed(seed)
     tokenizer = build_toy_tokenizer()
     model = Qwen2ForCausalLM(toy_hf_config(cfg, tokenizer))
@@ -151,6 +157,7 @@ def _warm_start(cfg: ToyModelConfig, records: list[PromptRecord], out_dir: Path,
     rng = random.Random(seed)
     model.train()
     for _ in tqdm(range(cfg.sft_steps), desc="toy warm start (SFT)", disable=not progress_bar):
+        interrupt()
         picks = torch.randint(len(records), (cfg.sft_batch_size,), generator=generator).tolist()
         input_ids, labels = _sft_batch([records[i] for i in picks], tokenizer, cfg, rng)
         loss = model(input_ids=input_ids, attention_mask=(input_ids != tokenizer.pad_token_id).long(), labels=labels).loss

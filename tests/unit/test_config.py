@@ -87,6 +87,7 @@ def test_every_option_is_listed_with_its_documentation():
         ("trainer.eval_interval=-2", "trainer.eval_interval=-2 must be >= 0"),
         ("rollout.engine_start_timeout_s=0", "rollout.engine_start_timeout_s=0.0 must be > 0"),
         ("trainer.distributed_timeout_minutes=0", "trainer.distributed_timeout_minutes=0 must be at least 1"),
+        ("trainer.stall_timeout_s=-1", "trainer.stall_timeout_s=-1.0 must be >= 0"),
     ],
 )
 def test_value_ranges_are_checked_before_any_work(override, message):
