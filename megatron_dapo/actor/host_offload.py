@@ -1,6 +1,6 @@
-"""The CPU stand-in for torch_memory_saver's ``pause``/``resume`` of the actor's memory (``model.offload_during_rollout``
-on a host without CUDA), so that the CPU toy fails where the GPU path would read offloaded memory
-(docs/pitfalls.md, 27).
+"""The CPU stand-in for torch_memory_saver's ``pause``/``resume`` of the actor's memory
+(``model.offload_during_rollout`` on a host without CUDA), so that the CPU toy fails where the GPU path would
+read offloaded memory (docs/pitfalls.md, 27).
 
 On a GPU, ``pause`` unmaps the physical pages of everything allocated in the region and keeps a host copy
 (``enable_cpu_backup``); reading a paused tensor is an illegal memory access. Here ``pause`` copies each storage

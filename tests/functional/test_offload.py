@@ -71,18 +71,22 @@ def test_offloaded_toy_saves_exports_stops_and_resumes(tmp_path):
     export, and a resume from the stop's checkpoint that equals an uninterrupted offloaded run."""
     offload = [*SMALL, "model.offload_during_rollout=true", "trainer.max_steps=3", "trainer.export_hf=true"]
     whole, split, stop = tmp_path / "whole", tmp_path / "split", tmp_path / "stop"
-    uninterrupted = run_cli(f"trainer.output_dir={whole}", *offload, "trainer.export_hf_interval=2")
+    uninterrupted = run_cli(f"trainer.output_dir={whole}", *offload, "trainer.export_hf_interval=2", timeout=1800)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     assert (whole / "hf" / "iter_0000002" / "config.json").is_file() and (whole / "hf_final" / "config.json").is_file()
     assert (whole / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "3"
 
-    stop.touch()  # the launcher's stop file: the run stops after step 1 with a checkpoint written for it
+    # the same warm-started toy policy, not trained again; the launcher's stop file: the run stops after step 1
+    # with a checkpoint written for it (save_interval 0)
+    interrupted = [f"trainer.output_dir={split}", f"model.hf_path={whole / 'toy_init'}", *offload,
+                   "trainer.save_interval=0"]
+    stop.touch()
     env = dict(os.environ, MEGATRON_DAPO_STOP_FILE=str(stop))
-    stopped = run_cli(f"trainer.output_dir={split}", *offload, "trainer.save_interval=0", env=env)
+    stopped = run_cli(*interrupted, env=env, timeout=1800)
     assert stopped.returncode == 75, stopped.stderr[-3000:]
     assert (split / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "1"
     stop.unlink()
-    resumed = run_cli(f"trainer.output_dir={split}", *offload, "trainer.save_interval=0", env=env)
+    resumed = run_cli(*interrupted, env=env, timeout=1800)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (split / "hf_final" / "config.json").is_file()
     expected, got = metrics_rows(whole), metrics_rows(split)
