@@ -44,7 +44,7 @@ class ModelConfig:
     loss_chunk_size: int = option(512, "tokens per chunk of the fused_linear loss")
     bf16: bool = option(False, "bf16 weights and activations, fp32 main params, gradients and loss math (GPU configs)")
     offload_during_rollout: bool = option(
-        False, "GPU: release the actor's memory (weights, grads, optimizer state) while engines generate"
+        False, "release the actor's memory (weights, grads, optimizer state) while engines generate (CPU: emulated)"
     )
 
 

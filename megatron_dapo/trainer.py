@@ -10,7 +10,9 @@ truncated importance weights and the ``rollout/train_logprob_abs_diff`` health m
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -130,6 +132,7 @@ class Job:
         if self.engine is not None:
             self.engine.resume_memory(("weights",))
         actor, ro = self.actor, self.config.rollout
+        actor.require_onloaded("the weight sync")
         sync_weights(
             actor.model_chunks, actor.layout, self.engine, self.placement.weight_receivers(ro), self.bucket_bytes,
             self.engine_dtype, ro.weight_sync_transport,
@@ -139,12 +142,30 @@ class Job:
         if self.engine is not None:
             self.engine.resume_memory(("kv_cache", "cuda_graph"))
 
+    @contextmanager
+    def actor_onloaded(self) -> Iterator[None]:
+        """The actor's weights and optimizer state readable for the block (a checkpoint, an HF export; collective).
+
+        Between steps an offloaded actor's memory is the engines' KV cache: the engines release theirs, the actor
+        onloads, and after the block the weights are synced again, which offloads the actor and gives the
+        engines their memory back (docs/pitfalls.md, 35). Nothing to do while the actor is on.
+        """
+        if not self.actor.offloaded:
+            yield
+            return
+        self.release_engine()
+        self.actor.onload()
+        yield
+        self.sync_weights()
+
     def export_hf(self, out_dir: Path) -> None:
+        """Write the actor's policy as an HF folder (collective)."""
         actor = self.actor
-        export_hf(
-            actor.model_chunks, actor.layout, actor.hf_config, out_dir, self.tokenizer, self.bucket_bytes,
-            actor.params_dtype, self.config.rollout.weight_sync_transport,
-        )
+        with self.actor_onloaded():
+            export_hf(
+                actor.model_chunks, actor.layout, actor.hf_config, out_dir, self.tokenizer, self.bucket_bytes,
+                actor.params_dtype, self.config.rollout.weight_sync_transport,
+            )
 
     def dump_rollouts(self, step: int, step_rollout: StepRollout) -> None:
         """Write the step's trained samples to ``output_dir/rollouts/step_<step>.jsonl`` (collective: the engine
@@ -194,7 +215,8 @@ class Job:
         ``trainer.keep_last`` go once it is complete."""
         engine_state = self.engine.state_dict() if self.engine is not None else {}
         state = run_on_rank_zero(lambda: {"step": step, "sampler": self.sampler.state_dict(), "engine": engine_state})
-        self.actor.save_checkpoint(self.save_dir, step, state, self.tokenizer)
+        with self.actor_onloaded():
+            self.actor.save_checkpoint(self.save_dir, step, state, self.tokenizer)
         if is_rank_zero() and self.config.trainer.keep_last > 0:
             remove_old_checkpoints(self.save_dir, self.config.trainer.keep_last)
 
@@ -202,10 +224,12 @@ class Job:
         """Checkpoint and HF export at the configured steps (collective); whether a checkpoint was written."""
         trainer = self.config.trainer
         saved = trainer.save_interval > 0 and (step % trainer.save_interval == 0 or step == trainer.max_steps)
-        if saved:
-            self.save(step)
-        if trainer.export_hf_interval > 0 and step % trainer.export_hf_interval == 0:
-            self.export_hf(Path(trainer.output_dir) / "hf" / f"iter_{step:07d}")
+        exported = trainer.export_hf_interval > 0 and step % trainer.export_hf_interval == 0
+        with self.actor_onloaded() if saved or exported else nullcontext():  # onloaded once for both
+            if saved:
+                self.save(step)
+            if exported:
+                self.export_hf(Path(trainer.output_dir) / "hf" / f"iter_{step:07d}")
         return saved
 
 

@@ -30,6 +30,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from transformers import AutoConfig
 
+from megatron_dapo.actor.host_offload import HostOffload, lasting_tensors
 from megatron_dapo.actor.model import build_gpt_model, transformer_config_from_hf, transformer_engine_available
 from megatron_dapo.algorithm import PolicyLossConfig
 from megatron_dapo.batch import padding_aware_micro_batches, unsort_rows
@@ -114,7 +115,10 @@ class MegatronActor:
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=par.use_distributed_optimizer
         )
-        self.offloadable = model.offload_during_rollout and torch.cuda.is_available()
+        self.offloadable = model.offload_during_rollout
+        self.offloaded = False
+        # GPU: torch_memory_saver; CPU: its emulation, so that the toy fails on a read of offloaded memory
+        self._host_offload = HostOffload() if model.offload_during_rollout and self.device.type == "cpu" else None
         with self._offloadable_memory():
             # One chunk, or one per virtual pipeline stage; only the first chunk's gradients are bucketed.
             self.model_chunks = [
@@ -167,7 +171,7 @@ class MegatronActor:
         selects its ``torch`` hook mode on import (``megatron/core/inference/contexts/dynamic_context.py:61-67``).
         Tensors in a region cannot be shared by CUDA IPC; the weight sync's buckets are allocated outside it.
         """
-        if not self.offloadable:
+        if not self.offloadable or self._host_offload is not None:
             return nullcontext()
         from torch_memory_saver import torch_memory_saver
 
@@ -175,18 +179,38 @@ class MegatronActor:
 
     def offload(self) -> None:
         """Release the GPU memory of weights, gradients and optimizer state (kept in host memory) so that the
-        colocated engines' KV cache can use it (docs/pitfalls.md, 25). A no-op unless offloadable."""
-        if self.offloadable:
+        colocated engines' KV cache can use it (docs/pitfalls.md, 25); on a CPU host, make them unreadable
+        (``host_offload.py``). A no-op unless offloadable. Nothing may read them until ``onload``."""
+        if not self.offloadable:
+            return
+        if self._host_offload is not None:
+            chunks = self.model_chunks + (self.ref_chunks or [])
+            self._host_offload.pause(lasting_tensors(chunks, self.optimizer))
+        else:
             from torch_memory_saver import torch_memory_saver
 
             torch_memory_saver.pause(OFFLOAD_TAG)
+        self.offloaded = True
 
     def onload(self) -> None:
-        """Bring back what ``offload`` released, before the next forward pass."""
-        if self.offloadable:
+        """Bring back what ``offload`` released, before the next forward pass or any other read."""
+        if not self.offloaded:
+            return
+        if self._host_offload is not None:
+            self._host_offload.resume()
+        else:
             from torch_memory_saver import torch_memory_saver
 
             torch_memory_saver.resume(OFFLOAD_TAG)
+        self.offloaded = False
+
+    def require_onloaded(self, reader: str) -> None:
+        """Every reader of the actor's weights, gradients or optimizer state calls this first: offloaded memory
+        is unmapped on a GPU and a read of it an illegal address (docs/pitfalls.md, 35)."""
+        if self.offloaded:
+            raise RuntimeError(
+                f"{reader} would read the actor's offloaded memory: onload it first (docs/pitfalls.md, 35)"
+            )
 
     def _build_and_load(self, hf_dir: str) -> list[torch.nn.Module]:
         """This rank's model chunks, filled from ``model.megatron_checkpoint`` when set, else from the HF weights."""
@@ -208,12 +232,14 @@ class MegatronActor:
 
     def save_checkpoint(self, save_dir: str | Path, step: int, trainer_state: dict, tokenizer) -> Path:
         """Save model, optimizer, LR scheduler and ``trainer_state`` as ``save_dir/iter_<step>`` (collective)."""
+        self.require_onloaded("the checkpoint save")
         return save_checkpoint(
             self.model_chunks, self.optimizer, self.scheduler, self.hf_config, save_dir, step, trainer_state, tokenizer
         )
 
     def load_checkpoint(self, path: str | Path) -> dict | None:
         """Resume model, optimizer and LR scheduler from a checkpoint (any layout); the saved trainer state."""
+        self.require_onloaded("the checkpoint load")
         if self.parallel.use_distributed_optimizer and not transformer_engine_available():
             raise ConfigError(
                 f"cannot resume {path} with parallel.use_distributed_optimizer=true here: megatron-core 0.16.1's "
@@ -297,6 +323,7 @@ class MegatronActor:
 
         Positions after a sample's last ``loss_mask`` token are 0 (they are cut from its micro-batch).
         """
+        self.require_onloaded("compute_logprobs")
         chunks = self.ref_chunks if use_reference else self.model_chunks
         for chunk in chunks:
             chunk.eval()
@@ -336,6 +363,7 @@ class MegatronActor:
         gradient is the whole mini-batch's whatever the layout or micro-batch split. Returns the step's loss
         metric sums over all replicas.
         """
+        self.require_onloaded("forward_backward")
         for chunk in self.model_chunks:
             chunk.train()
             chunk.zero_grad_buffer()
