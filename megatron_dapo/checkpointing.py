@@ -17,6 +17,7 @@ A checkpoint loads under any TP/PP layout (megatron reshards). Checkpoints carry
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from torch.distributed.checkpoint.api import CheckpointException
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from megatron_dapo.errors import CheckpointUnusableError, different_models
@@ -39,6 +41,11 @@ from megatron_dapo.weights.checkpoint_reader import (
     saved_iterations,
 )
 from megatron_dapo.weights.transfer import ModelChunks, chunks_of, unwrap
+
+# What a failed torch_dist save or load raises: torch's CheckpointException derives from BaseException, not
+# Exception (torch/distributed/checkpoint/api.py:30), so ``except Exception`` alone lets it through.
+CHECKPOINT_FAILURES = (Exception, CheckpointException)
+
 
 def optimizer_metadata() -> dict[str, str]:
     """How the distributed optimizer's state is laid out in a checkpoint.
@@ -127,17 +134,22 @@ def _failure_on_any_rank(work: Callable[[], object], here: bool) -> tuple[str, b
     if here:
         try:
             work()
-        except Exception as error:  # reported on every rank by the caller
-            cause = _os_error(error)
-            failure = (cause.strerror or str(cause), True) if cause is not None else (f"{type(error).__name__}: {error}", False)
+        except CHECKPOINT_FAILURES as error:  # reported on every rank by the caller
+            reason = _os_error_reason(error)
+            failure = (reason, True) if reason is not None else (f"{type(error).__name__}: {error}", False)
     failures = [None] * dist.get_world_size()
     dist.all_gather_object(failures, failure)
     return next((f for f in failures if f is not None), None)
 
 
-def _os_error(error: BaseException) -> OSError | None:
-    """The ``OSError`` behind ``error``: through exception chains and torch's ``CheckpointException``, which
-    carries each rank's failure in ``failures`` (megatron-core wraps a shard writer's exception in both)."""
+def _os_error_reason(error: BaseException) -> str | None:
+    """What the ``OSError`` behind ``error`` says ("No space left on device"), or ``None`` when there is none.
+
+    Searched through exception chains and torch's ``CheckpointException``, which carries each rank's failure in
+    ``failures``. A shard writer's ``OSError`` crosses a process and a pickle on its way (megatron-core's
+    ``filesystem_async.py:303-330,444-449`` in 0.16.1, ``state_dict_saver.py:233-258``), which drops the chain:
+    it arrives as text only ("Worker failure: [Errno 28] No space left on device"), so that text is read too.
+    """
     pending, seen = [error], set()
     while pending:
         current = pending.pop()
@@ -145,9 +157,12 @@ def _os_error(error: BaseException) -> OSError | None:
             continue
         seen.add(id(current))
         if isinstance(current, OSError):
-            return current
+            return current.strerror or str(current)
         pending += [current.__cause__, current.__context__]
         pending += [failure[0] for failure in getattr(current, "failures", {}).values()]
+        text = re.search(r"\[Errno \d+\] ([^:\n]+)", str(current))
+        if text:
+            return text.group(1).strip()
     return None
 
 

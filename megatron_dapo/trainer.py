@@ -20,7 +20,7 @@ from tqdm import tqdm
 from megatron_dapo.actor.actor import MegatronActor
 from megatron_dapo.algorithm import truncated_is_weights
 from megatron_dapo.batch import build_training_batch, data_parallel_rows, split_batch, to_device
-from megatron_dapo.checkpointing import remove_old_checkpoints
+from megatron_dapo.checkpointing import CHECKPOINT_FAILURES, remove_old_checkpoints
 from megatron_dapo.weights.checkpoint_reader import saved_iterations
 from megatron_dapo.config import DapoConfig, config_to_dict
 from megatron_dapo.errors import CheckpointUnusableError, UserError
@@ -178,7 +178,7 @@ class Job:
             state = self.actor.load_checkpoint(folder)
         except UserError:
             raise
-        except Exception as error:  # the next older checkpoint is loaded over whatever this one left
+        except CHECKPOINT_FAILURES as error:  # the next older checkpoint is loaded over whatever this one left
             problem = f"loading it failed ({type(error).__name__}: {' '.join(str(error).split())[:300]})"
         problems = [None] * dist.get_world_size()
         dist.all_gather_object(problems, problem)
