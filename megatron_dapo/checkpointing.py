@@ -27,12 +27,12 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from torch.distributed.checkpoint.api import CheckpointException
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from megatron_dapo.errors import CheckpointUnusableError, different_models
 from megatron_dapo.model_config import check_same_model
 from megatron_dapo.weights.checkpoint_reader import (
+    CHECKPOINT_FAILURES,
     COMPLETE_MARKER,
     HF_CONFIG_DIR,
     TRACKER_FILE,
@@ -41,11 +41,6 @@ from megatron_dapo.weights.checkpoint_reader import (
     saved_iterations,
 )
 from megatron_dapo.weights.transfer import ModelChunks, chunks_of, unwrap
-
-# What a failed torch_dist save or load raises: torch's CheckpointException derives from BaseException, not
-# Exception (torch/distributed/checkpoint/api.py:30), so ``except Exception`` alone lets it through.
-CHECKPOINT_FAILURES = (Exception, CheckpointException)
-
 
 def optimizer_metadata() -> dict[str, str]:
     """How the distributed optimizer's state is laid out in a checkpoint.

@@ -20,8 +20,8 @@ from tqdm import tqdm
 from megatron_dapo.actor.actor import MegatronActor
 from megatron_dapo.algorithm import truncated_is_weights
 from megatron_dapo.batch import build_training_batch, data_parallel_rows, split_batch, to_device
-from megatron_dapo.checkpointing import CHECKPOINT_FAILURES, remove_old_checkpoints
-from megatron_dapo.weights.checkpoint_reader import saved_iterations
+from megatron_dapo.checkpointing import remove_old_checkpoints
+from megatron_dapo.weights.checkpoint_reader import CHECKPOINT_FAILURES, saved_iterations
 from megatron_dapo.config import DapoConfig, config_to_dict
 from megatron_dapo.errors import CheckpointUnusableError, UserError
 from megatron_dapo.data import PromptSampler

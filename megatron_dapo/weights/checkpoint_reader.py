@@ -26,6 +26,7 @@ from typing import Iterator
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.futures import Future
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
@@ -41,6 +42,9 @@ from megatron_dapo.weights.safetensors_io import TensorSpec
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 HF_CONFIG_DIR = "hf_config"
 COMPLETE_MARKER = "complete"
+# What a failed torch_dist save or load raises: torch's CheckpointException derives from BaseException, not
+# Exception (torch/distributed/checkpoint/api.py:30), so ``except Exception`` alone lets it through.
+CHECKPOINT_FAILURES = (Exception, CheckpointException)
 ITERATION_FOLDER = re.compile(r"iter_(\d+)")
 
 
@@ -233,7 +237,7 @@ def _read(checkpoint_dir: Path, key: str, layer: int | None, meta: TensorStorage
     planner = _BoxLoadPlanner(key, offsets, box_shape, meta.properties.dtype)
     try:
         dcp.load({}, storage_reader=_HandoffReader(str(checkpoint_dir)), planner=planner, no_dist=True)
-    except Exception as error:  # damaged in place: sizes right, bytes wrong (check_readable cannot see it)
+    except CHECKPOINT_FAILURES as error:  # damaged in place: sizes right, bytes wrong (check_readable cannot see it)
         raise CheckpointUnusableError(f"checkpoint {checkpoint_dir} is torn: {key} cannot be read ({type(error).__name__})") from error
     return planner.result if layer is None else planner.result[0]
 
