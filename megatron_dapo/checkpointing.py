@@ -3,9 +3,12 @@
 Layout of ``<save_dir>``:
 
 - ``iter_0000010/``: megatron-core's torch_dist files (model, optimizer, LR scheduler, trainer state in
-  ``common.pt``) and ``hf_config/`` (the model's HF config and tokenizer, for validation and conversion);
-- ``latest_checkpointed_iteration.txt``: written last, so a job killed while saving leaves the previous
-  checkpoint as the latest.
+  ``common.pt``), ``hf_config/`` (the model's HF config and tokenizer, for validation and conversion) and the
+  ``complete`` marker, written last: a folder without it is a save that did not finish;
+- ``latest_checkpointed_iteration.txt``: written after the marker (replaced atomically).
+
+A save that fails (a full disk) fails on every rank with one line, removes its own folder and leaves the
+previous checkpoint the newest complete one. What "complete" and "readable" mean: ``weights/checkpoint_reader.py``.
 
 A checkpoint loads under any TP/PP layout (megatron reshards). Checkpoints carry no ``_extra_state``
 (FP8 recipe state is not used).
@@ -13,8 +16,11 @@ A checkpoint loads under any TP/PP layout (megatron reshards). Checkpoints carry
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -23,9 +29,17 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
-from megatron_dapo.errors import different_models
+from megatron_dapo.errors import CheckpointUnusableError, different_models
 from megatron_dapo.model_config import check_same_model
-from megatron_dapo.weights.checkpoint_reader import HF_CONFIG_DIR, TRACKER_FILE, iteration_dir, resolve_checkpoint
+from megatron_dapo.weights.checkpoint_reader import (
+    CHECKPOINT_FAILURES,
+    COMPLETE_MARKER,
+    HF_CONFIG_DIR,
+    TRACKER_FILE,
+    iteration_dir,
+    resolve_checkpoint,
+    saved_iterations,
+)
 from megatron_dapo.weights.transfer import ModelChunks, chunks_of, unwrap
 
 def optimizer_metadata() -> dict[str, str]:
@@ -60,27 +74,91 @@ def save_checkpoint(
     trainer_state: dict,
     tokenizer: PreTrainedTokenizerBase | None,
 ) -> Path:
-    """Save model, optimizer, scheduler and ``trainer_state`` at ``step`` (collective)."""
+    """Save model, optimizer, scheduler and ``trainer_state`` at ``step`` (collective).
+
+    Raises ``CheckpointUnusableError`` on every rank when any rank's write fails for want of space, permissions
+    or I/O (``RuntimeError`` for any other failure), after removing the half-written folder.
+    """
     path = iteration_dir(save_dir, step)
-    if dist.get_rank() == 0:
-        shutil.rmtree(path, ignore_errors=True)  # left by a job killed while saving: never the latest
+    rank_zero = dist.get_rank() == 0
+
+    def fresh_folder() -> None:
+        shutil.rmtree(path, ignore_errors=True)  # left by a job killed while saving: never complete
         path.mkdir(parents=True)
-    dist.barrier()
-    model_state = model_sharded_state_dict(model)
-    state = {
-        **model_state,
-        "optimizer": optimizer.sharded_state_dict(model_state, metadata=optimizer_metadata()),
-        "scheduler": scheduler.state_dict(),
-        "trainer": trainer_state,
-    }
-    dist_checkpointing.save(state, str(path))
-    dist.barrier()
-    if dist.get_rank() == 0:
+
+    def write_state() -> None:
+        model_state = model_sharded_state_dict(model)
+        state = {
+            **model_state,
+            "optimizer": optimizer.sharded_state_dict(model_state, metadata=optimizer_metadata()),
+            "scheduler": scheduler.state_dict(),
+            "trainer": trainer_state,
+        }
+        dist_checkpointing.save(state, str(path))
+
+    def commit() -> None:
         hf_config.save_pretrained(path / HF_CONFIG_DIR)
         if tokenizer is not None:
             tokenizer.save_pretrained(path / HF_CONFIG_DIR)
-        (Path(save_dir) / TRACKER_FILE).write_text(str(step))
+        (path / COMPLETE_MARKER).write_text(f"{step}\n")
+        tracker = Path(save_dir) / TRACKER_FILE
+        staged = tracker.with_name(tracker.name + ".tmp")
+        staged.write_text(str(step))
+        os.replace(staged, tracker)  # a full disk leaves the old tracker, never an empty one
+
+    for work, here in ((fresh_folder, rank_zero), (write_state, True), (commit, rank_zero)):
+        failure = _failure_on_any_rank(work, here)
+        if failure is not None:
+            if rank_zero:
+                shutil.rmtree(path, ignore_errors=True)
+            previous = next((folder.name for folder, problem in saved_iterations(save_dir) if problem is None), None)
+            kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+            message = f"checkpoint {path.name} could not be written: {failure[0]}; {kept}"
+            raise CheckpointUnusableError(message) if failure[1] else RuntimeError(message)
     return path
+
+
+def _failure_on_any_rank(work: Callable[[], object], here: bool) -> tuple[str, bool] | None:
+    """Run ``work`` on this rank when ``here``; the first failure on any rank as (reason, whether it is an
+    ``OSError``), the same on every rank (collective).
+
+    Agreeing first keeps the ranks whose part succeeded from waiting forever at the next collective for one whose
+    part failed (megatron-core only agrees on failures of the shard writes, not of rank 0's own files).
+    """
+    failure = None
+    if here:
+        try:
+            work()
+        except CHECKPOINT_FAILURES as error:  # reported on every rank by the caller
+            reason = _os_error_reason(error)
+            failure = (reason, True) if reason is not None else (f"{type(error).__name__}: {error}", False)
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    return next((f for f in failures if f is not None), None)
+
+
+def _os_error_reason(error: BaseException) -> str | None:
+    """What the ``OSError`` behind ``error`` says ("No space left on device"), or ``None`` when there is none.
+
+    Searched through exception chains and torch's ``CheckpointException``, which carries each rank's failure in
+    ``failures``. A shard writer's ``OSError`` crosses a process and a pickle on its way (megatron-core's
+    ``filesystem_async.py:303-330,444-449`` in 0.16.1, ``state_dict_saver.py:233-258``), which drops the chain:
+    it arrives as text only ("Worker failure: [Errno 28] No space left on device"), so that text is read too.
+    """
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError):
+            return current.strerror or str(current)
+        pending += [current.__cause__, current.__context__]
+        pending += [failure[0] for failure in getattr(current, "failures", {}).values()]
+        text = re.search(r"\[Errno \d+\] ([^:\n]+)", str(current))
+        if text:
+            return text.group(1).strip()
+    return None
 
 
 def load_checkpoint(
@@ -117,7 +195,19 @@ def load_checkpoint(
 
 
 def remove_old_checkpoints(save_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the ``keep_last`` newest ``iter_*`` folders (the tracker's is always among them)."""
-    folders = sorted(Path(save_dir).glob("iter_*"), key=lambda folder: int(folder.name.removeprefix("iter_")))
-    for folder in folders[: max(len(folders) - keep_last, 0)]:
-        shutil.rmtree(folder, ignore_errors=True)
+    """Keep the ``keep_last`` newest complete checkpoints; delete the older ones and the incomplete ones older
+    than those. An incomplete checkpoint newer than them (a torn one a resume fell back from) stays for
+    inspection and never counts towards ``keep_last``.
+    """
+    saved = saved_iterations(save_dir)
+    complete = [folder for folder, problem in saved if problem is None]
+    if keep_last <= 0 or len(complete) <= keep_last:
+        return
+    oldest_kept = _iteration(complete[keep_last - 1])
+    for folder, _ in saved:
+        if _iteration(folder) < oldest_kept:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _iteration(folder: Path) -> int:
+    return int(folder.name.removeprefix("iter_"))

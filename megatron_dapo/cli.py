@@ -1,6 +1,6 @@
 """``megatron-dapo`` / ``python -m megatron_dapo``.
 
-- ``train --config FILE [key.sub=value ...]``: run DAPO (also under ``torchrun``);
+- ``train --config FILE [--strict-resume] [key.sub=value ...]``: run DAPO (also under ``torchrun``);
 - ``eval --config FILE --hf-dir DIR [key.sub=value ...]``: the held-out evaluation of a Hugging Face folder, no
   training (also under ``torchrun``: the validation problems are spread over the engines);
 - ``config [--config FILE] [key.sub=value ...]``: every option with its value and one line of documentation;
@@ -83,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument("output_dir", help="the run's trainer.output_dir")
     report.add_argument("--out", help="where to write the PNG (default: OUTPUT_DIR/report.png)")
+    train.add_argument(
+        "--strict-resume", action="store_true",
+        help="trainer.resume=strict: refuse to start when the newest checkpoint is torn instead of falling back",
+    )
     for command in (train, evaluate, config, plan):
         command.add_argument("--config", help="YAML config (see examples/configs/)")
         command.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
@@ -157,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                 "train needs --config FILE, e.g. --config examples/configs/toy_cpu.yaml (the built-in defaults are "
                 "the paper's 32B batch sizes on the toy model; `megatron-dapo config` lists them)"
             )
-        config = load_config(args.config, args.overrides)
+        strict = ["trainer.resume=strict"] if getattr(args, "strict_resume", False) else []
+        config = load_config(args.config, [*args.overrides, *strict])
         if args.command == "config":
             print("\n".join(describe_options(config)))
             return 0

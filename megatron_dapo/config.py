@@ -186,7 +186,10 @@ class TrainerConfig:
     save_interval: int = option(0, "Megatron checkpoint every this many steps and at the end (0: never)")
     save_dir: str | None = option(None, "checkpoint folder; default output_dir/checkpoints")
     keep_last: int = option(0, "keep only this many latest checkpoints (0: keep all)")
-    resume: bool = option(True, "continue from save_dir's latest checkpoint when there is one")
+    resume: bool | Literal["strict"] = option(
+        True, "continue from save_dir's newest complete checkpoint when there is one, naming torn newer ones; "
+        "strict: refuse to start when the newest is torn (--strict-resume); false: start over"
+    )
     overwrite: bool = option(
         False, "start over in an output_dir that holds another run's output and no checkpoint to resume: removes "
         "its metrics.jsonl, config.yaml, report.png, hf_final/, hf/, tensorboard/, rollouts/ and save_dir's checkpoints"
@@ -393,7 +396,16 @@ def _coerce(value: object, annotation: object, key: str) -> object:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(annotation):
             return None
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        alternatives = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(alternatives) > 1:  # e.g. trainer.resume: bool | "strict"
+            for alternative in alternatives:
+                try:
+                    return _coerce(value, alternative, key)
+                except ConfigError:
+                    pass
+            names = [a.__name__ if isinstance(a, type) else str(list(typing.get_args(a))) for a in alternatives]
+            raise ConfigError(f"config key {key}={value!r} must be one of: {', '.join(names)}")
+        annotation = alternatives[0]
         origin = typing.get_origin(annotation)
     if origin is Literal:
         choices = typing.get_args(annotation)

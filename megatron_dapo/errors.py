@@ -26,6 +26,11 @@ class CheckpointNotFoundError(UserError, FileNotFoundError):
     """A path given as a checkpoint holds none."""
 
 
+class CheckpointUnusableError(UserError, ValueError):
+    """A checkpoint is torn (cannot be resumed or converted) or could not be written; the message names it and
+    the checkpoint that is still intact."""
+
+
 def different_models(detail: str, what: str = "checkpoint") -> CheckpointMismatchError:
     """The one error for weights that do not fit the config: ``<detail>: the model config and the <what> ...``.
 

@@ -23,8 +23,9 @@ from megatron_dapo.actor.actor import MegatronActor
 from megatron_dapo.algorithm import truncated_is_weights
 from megatron_dapo.batch import build_training_batch, data_parallel_rows, split_batch, to_device
 from megatron_dapo.checkpointing import remove_old_checkpoints
-from megatron_dapo.weights.checkpoint_reader import latest_checkpoint
+from megatron_dapo.weights.checkpoint_reader import CHECKPOINT_FAILURES, saved_iterations
 from megatron_dapo.config import DapoConfig, config_to_dict
+from megatron_dapo.errors import CheckpointUnusableError, UserError
 from megatron_dapo.data import PromptSampler
 from megatron_dapo.distributed import (
     destroy_distributed,
@@ -192,23 +193,55 @@ class Job:
         return scheduled and bool(self.val_records)
 
     def restore(self) -> int:
-        """Resume from ``save_dir``'s latest checkpoint when there is one; the first step to run.
+        """Resume from ``save_dir``'s newest complete checkpoint when there is one; the first step to run.
 
         Restores model, optimizer, LR scheduler, the data cursor (with the prompts a streamed step gave back), the
         step and the engines' weight version, then syncs the actor's weights into the engines: they start with
         the initial weights (the CPU engine) or none at all (SGLang), never with the restored ones
-        (docs/pitfalls.md, 6 and 23).
+        (docs/pitfalls.md, 6 and 23). Newer checkpoints that are torn (incomplete, unreadable, failing to load) are
+        named in one line and left in place; ``trainer.resume: strict`` refuses them instead (docs/pitfalls.md, 42).
         """
-        latest = latest_checkpoint(self.save_dir) if self.config.trainer.resume else None
-        first_step = 1
-        if latest is not None:
-            state = self.actor.load_checkpoint(latest)
-            self.sampler.load_state_dict(state["sampler"])
-            if self.engine is not None:
-                self.engine.load_state_dict(state["engine"])
-            first_step = state["step"] + 1
+        resume = self.config.trainer.resume
+        saved = run_on_rank_zero(lambda: saved_iterations(self.save_dir)) if resume else []
+        first_step, torn = 1, []
+        for folder, problem in saved:
+            if problem is None:
+                state, problem = self._load(folder)
+            if problem is None:
+                self.sampler.load_state_dict(state["sampler"])
+                if self.engine is not None:
+                    self.engine.load_state_dict(state["engine"])
+                first_step = state["step"] + 1
+                break
+            if resume == "strict":
+                raise CheckpointUnusableError(
+                    f"checkpoint {folder} is torn: {problem}; trainer.resume=strict refuses to fall back to an older "
+                    "one: set trainer.resume=true (drop --strict-resume) to resume from the newest complete checkpoint"
+                )
+            torn.append(f"{folder} ({problem})")
+        if torn and is_rank_zero():
+            resumed = f"resuming from {folder}" if first_step > 1 else "no complete checkpoint: starting from step 1"
+            print(f"resume: torn checkpoint {', '.join(torn)} left for inspection (a later save of that step replaces "
+                  f"it); {resumed}", flush=True)
         self.sync_weights()
         return first_step
+
+    def _load(self, folder: Path) -> tuple[dict | None, str | None]:
+        """Load ``folder`` on every rank: its trainer state, or why it failed on some rank (collective).
+
+        What the cheap checks cannot see (a shard damaged in place) fails here; a checkpoint of another model or
+        layout is the user's to fix, not a reason to fall back, and is raised.
+        """
+        state, problem = None, None
+        try:
+            state = self.actor.load_checkpoint(folder)
+        except UserError:
+            raise
+        except CHECKPOINT_FAILURES as error:  # the next older checkpoint is loaded over whatever this one left
+            problem = f"loading it failed ({type(error).__name__}: {' '.join(str(error).split())[:300]})"
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+        return state, next((p for p in problems if p is not None), None)
 
     def save(self, step: int) -> None:
         """A checkpoint of everything a resumed run needs after ``step`` (collective); the oldest beyond

@@ -7,17 +7,26 @@ torch_dist) for one layer's box of one key: peak memory stays near one tensor, n
 megatron-core import are needed (the offline converter's memory floor stays at torch's).
 
 Layout of a save folder: ``iter_0000010/`` (torch_dist files + ``hf_config/``, the model's HF config and
-tokenizer) and ``latest_checkpointed_iteration.txt``, written last.
+tokenizer, and the ``complete`` marker, written last of the folder) and ``latest_checkpointed_iteration.txt``,
+written after it.
+
+A checkpoint is *complete* when its save finished (the marker, or the tracker naming it: saves from before the
+marker) and *readable* when its files are there: megatron's ``metadata.json`` and ``common.pt``, torch's
+``.metadata`` (it loads), and every shard file at least as long as the byte ranges ``.metadata`` gives it — a
+truncated shard shows here, without reading a tensor. A node failure can tear a checkpoint after its save
+finished, so resuming checks both and falls back to the newest checkpoint that passes.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.futures import Future
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
@@ -25,13 +34,18 @@ from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from transformers import PretrainedConfig
 
-from megatron_dapo.errors import CheckpointNotFoundError, different_models
+from megatron_dapo.errors import CheckpointNotFoundError, CheckpointUnusableError, different_models
 from megatron_dapo.model_config import ModelLayout, has_qkv_bias
 from megatron_dapo.weights.hf_mapping import megatron_to_hf, param_mapping
 from megatron_dapo.weights.safetensors_io import TensorSpec
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 HF_CONFIG_DIR = "hf_config"
+COMPLETE_MARKER = "complete"
+# What a failed torch_dist save or load raises: torch's CheckpointException derives from BaseException, not
+# Exception (torch/distributed/checkpoint/api.py:30), so ``except Exception`` alone lets it through.
+CHECKPOINT_FAILURES = (Exception, CheckpointException)
+ITERATION_FOLDER = re.compile(r"iter_(\d+)")
 
 
 def iteration_dir(save_dir: str | Path, step: int) -> Path:
@@ -52,8 +66,53 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
-def latest_checkpoint(save_dir: str | Path) -> Path | None:
-    return resolve_checkpoint(save_dir) if (Path(save_dir) / TRACKER_FILE).exists() else None
+def unreadable_reason(checkpoint_dir: Path) -> str | None:
+    """Why ``checkpoint_dir`` cannot be loaded as a torch_dist checkpoint (``None``: its files are all there).
+
+    Cheap: reads ``.metadata`` and the shard files' sizes, no tensor.
+    """
+    for name in (".metadata", "metadata.json", "common.pt"):
+        if not (checkpoint_dir / name).is_file():
+            return f"{name} is missing"
+    try:
+        storage = FileSystemReader(str(checkpoint_dir)).read_metadata().storage_data
+    except Exception as error:  # any unpickling error of a damaged file
+        return f".metadata cannot be read ({type(error).__name__}: {error})"
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        shard = checkpoint_dir / name
+        if not shard.is_file():
+            return f"shard {name} is missing"
+        if shard.stat().st_size < size:
+            return f"shard {name} is truncated ({shard.stat().st_size} of {size} bytes)"
+    return None
+
+
+def check_readable(checkpoint_dir: Path) -> None:
+    """Refuse a torn checkpoint in one line, naming the newest complete one beside it when there is one."""
+    problem = unreadable_reason(checkpoint_dir)
+    if problem is None:
+        return
+    older = next((folder for folder, why in saved_iterations(checkpoint_dir.parent) if why is None), None)
+    fix = f"use {older}, the newest complete checkpoint beside it" if older else "use another checkpoint"
+    raise CheckpointUnusableError(f"checkpoint {checkpoint_dir} is torn: {problem}; {fix}")
+
+
+def saved_iterations(save_dir: str | Path) -> list[tuple[Path, str | None]]:
+    """Every ``iter_*`` folder of ``save_dir``, newest first, with why it cannot be resumed (``None``: it can)."""
+    save_dir = Path(save_dir)
+    tracker = save_dir / TRACKER_FILE
+    tracked = tracker.read_text().strip() if tracker.is_file() else ""
+    tracked = iteration_dir(save_dir, int(tracked)) if tracked.isdigit() else None
+    folders = [f for f in save_dir.glob("iter_*") if f.is_dir() and ITERATION_FOLDER.fullmatch(f.name)]
+    folders.sort(key=lambda folder: int(folder.name.removeprefix("iter_")), reverse=True)
+    result = []
+    for folder in folders:
+        finished = (folder / COMPLETE_MARKER).is_file() or folder == tracked
+        result.append((folder, unreadable_reason(folder) or (None if finished else "its save did not finish")))
+    return result
 
 
 LAYER_KEY = "decoder.layers."
@@ -176,7 +235,10 @@ def _read(checkpoint_dir: Path, key: str, layer: int | None, meta: TensorStorage
     box_shape = shape if layer is None else (1, *shape[1:])
     offsets = (0,) * len(shape) if layer is None else (layer,) + (0,) * (len(shape) - 1)
     planner = _BoxLoadPlanner(key, offsets, box_shape, meta.properties.dtype)
-    dcp.load({}, storage_reader=_HandoffReader(str(checkpoint_dir)), planner=planner, no_dist=True)
+    try:
+        dcp.load({}, storage_reader=_HandoffReader(str(checkpoint_dir)), planner=planner, no_dist=True)
+    except CHECKPOINT_FAILURES as error:  # damaged in place: sizes right, bytes wrong (check_readable cannot see it)
+        raise CheckpointUnusableError(f"checkpoint {checkpoint_dir} is torn: {key} cannot be read ({type(error).__name__})") from error
     return planner.result if layer is None else planner.result[0]
 
 
@@ -188,6 +250,7 @@ def read_hf_tensors(
     ``dtype`` defaults to the checkpoint's.
     """
     checkpoint_dir = Path(checkpoint_dir)
+    check_readable(checkpoint_dir)
     metadata = tensors_metadata(checkpoint_dir)
     check_checkpoint_matches_config(metadata, hf_config, f"checkpoint {checkpoint_dir}")
     layout = ModelLayout.from_hf_config(hf_config)

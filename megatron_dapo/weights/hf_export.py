@@ -39,28 +39,32 @@ def write_hf_folder(
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    shards = shard_specs(specs, max_shard_bytes)
-    weight_map: dict[str, str] = {}
-    tensors = iter(named_tensors)
-    bar = tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="export", disable=not progress)
-    for number, shard in enumerate(shards, start=1):
-        file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        writer = SafetensorsStreamWriter(staging / file_name, shard)
-        for spec in shard:
-            name, tensor = next(tensors)
-            writer.write(name, tensor.to(spec.dtype))
-            del tensor  # free it before the next one is produced
-            weight_map[name] = file_name
-            bar.update(spec.nbytes)
-        writer.close()
-    bar.close()
-    index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
-    (staging / INDEX_FILE).write_text(json.dumps(index, indent=2))
-    hf_config.save_pretrained(staging)
-    if isinstance(tokenizer, (str, Path)):
-        copy_tokenizer_files(Path(tokenizer), staging)
-    elif tokenizer is not None:
-        tokenizer.save_pretrained(staging)
+    try:
+        shards = shard_specs(specs, max_shard_bytes)
+        weight_map: dict[str, str] = {}
+        tensors = iter(named_tensors)
+        bar = tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="export", disable=not progress)
+        for number, shard in enumerate(shards, start=1):
+            file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            writer = SafetensorsStreamWriter(staging / file_name, shard)
+            for spec in shard:
+                name, tensor = next(tensors)
+                writer.write(name, tensor.to(spec.dtype))
+                del tensor  # free it before the next one is produced
+                weight_map[name] = file_name
+                bar.update(spec.nbytes)
+            writer.close()
+        bar.close()
+        index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
+        (staging / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        hf_config.save_pretrained(staging)
+        if isinstance(tokenizer, (str, Path)):
+            copy_tokenizer_files(Path(tokenizer), staging)
+        elif tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    except BaseException:  # a torn source, a full disk, Ctrl-C: no half folder is left, not even the staged one
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
     return out_dir
