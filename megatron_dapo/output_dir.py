@@ -19,7 +19,7 @@ from megatron_dapo.config import TrainerConfig
 from megatron_dapo.errors import UserError
 from megatron_dapo.metrics import WANDB_RUN_ID_FILE
 from megatron_dapo.model_config import check_same_model
-from megatron_dapo.weights.checkpoint_reader import HF_CONFIG_DIR, TRACKER_FILE, latest_checkpoint
+from megatron_dapo.weights.checkpoint_reader import HF_CONFIG_DIR, TRACKER_FILE, newest_resumable
 
 LOCK_FILE = ".megatron-dapo.lock"
 # what marks a folder as a run's output; trainer.overwrite removes these and the run's other products
@@ -105,7 +105,7 @@ def claim_output_dir(trainer: TrainerConfig, save_dir: Path, hf_config: Pretrain
     out = Path(trainer.output_dir)
     found = [name for name in RUN_OUTPUTS if (out / name).exists()]
     checkpoints = _checkpoint_files(save_dir)
-    latest = latest_checkpoint(save_dir) if checkpoints else None
+    latest = newest_resumable(save_dir) if checkpoints else None
     if not found and not checkpoints:
         return
     if trainer.overwrite:

@@ -23,7 +23,7 @@ from megatron_dapo.actor.actor import MegatronActor
 from megatron_dapo.algorithm import truncated_is_weights
 from megatron_dapo.batch import build_training_batch, data_parallel_rows, split_batch, to_device
 from megatron_dapo.checkpointing import remove_old_checkpoints
-from megatron_dapo.weights.checkpoint_reader import CHECKPOINT_FAILURES, saved_iterations
+from megatron_dapo.weights.checkpoint_reader import CHECKPOINT_FAILURES, newest_resumable, saved_iterations
 from megatron_dapo.config import DapoConfig, config_to_dict
 from megatron_dapo.errors import CheckpointUnusableError, UserError
 from megatron_dapo.data import PromptSampler
@@ -66,7 +66,7 @@ def _stop_again_before_loading(config: DapoConfig, stop_requests: StopRequests) 
     """torchrun's in-job restarts (``--max-restarts``) also restart workers that stopped for a requeue: while
     the launcher's stop file is there and the checkpoint it asked for exists, stop again before loading anything
     (collective)."""
-    latest = latest_checkpoint(checkpoint_dir(config)) if config.trainer.resume else None
+    latest = newest_resumable(checkpoint_dir(config)) if config.trainer.resume else None
     if latest is None:
         return
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -374,8 +374,7 @@ def train(config: DapoConfig) -> tuple[float | None, float | None]:
     and in the rows of the steps they follow; a resumed run evaluates its restored policy for ``before`` without
     logging it again.
     """
-    timeout_minutes = config.trainer.distributed_timeout_minutes
-    initialize_process_group(timeout_minutes)
+    initialize_process_group(config.trainer.distributed_timeout_minutes)
     config.validate(dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
     check_model_fits_layout(config)
     # the folder's owner is decided before anything is written there (rank 0 decides, every rank follows)
@@ -392,7 +391,7 @@ def _train(config: DapoConfig) -> tuple[float | None, float | None]:
     par = config.parallel
     initialize_model_parallel(
         par.tensor_model_parallel_size, par.pipeline_model_parallel_size, config.trainer.seed,
-        par.virtual_pipeline_model_parallel_size, timeout_minutes,
+        par.virtual_pipeline_model_parallel_size, config.trainer.distributed_timeout_minutes,
     )
     torch.manual_seed(config.trainer.seed)
     stop_requests = StopRequests()

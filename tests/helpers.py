@@ -160,3 +160,17 @@ def naive_dapo_loss(hidden, weight, batch, loss):
 
     logprobs, _ = naive_logprobs_entropy(hidden @ weight.t(), batch["labels"], VOCAB, loss.temperature)
     return dapo_loss_terms(logprobs, batch, loss)
+
+
+def write_torch_dist_checkpoint(save_dir: Path, step: int, finished: bool = True) -> Path:
+    """A small checkpoint folder as a finished save leaves it: torch's own writer for ``.metadata`` and the shard,
+    the files megatron-core and the trainer add (``finished=False``: without the trainer's last marker)."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = save_dir / f"iter_{step:07d}"
+    dcp.save({"weight": torch.arange(4096, dtype=torch.float32)}, checkpoint_id=str(folder), no_dist=True)
+    (folder / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
+    torch.save({"trainer": {"step": step}}, folder / "common.pt")
+    if finished:
+        (folder / "complete").write_text(f"{step}\n")
+    return folder

@@ -115,6 +115,11 @@ def saved_iterations(save_dir: str | Path) -> list[tuple[Path, str | None]]:
     return result
 
 
+
+def newest_resumable(save_dir: str | Path) -> Path | None:
+    """The newest ``iter_*`` folder of ``save_dir`` that is complete and readable (``None``: there is none)."""
+    return next((folder for folder, why in saved_iterations(save_dir) if why is None), None)
+
 LAYER_KEY = "decoder.layers."
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
 OUTPUT_KEY = "output_layer.weight"

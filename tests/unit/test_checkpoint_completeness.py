@@ -5,23 +5,12 @@ for ``.metadata`` and the shard, the files megatron-core and the trainer add, th
 from pathlib import Path
 
 import pytest
-import torch
-import torch.distributed.checkpoint as dcp
 
 from megatron_dapo.checkpointing import remove_old_checkpoints
 from megatron_dapo.config import ConfigError, load_config
 from megatron_dapo.weights.checkpoint_reader import saved_iterations
 
-
-def _save(save_dir: Path, step: int, finished: bool = True) -> Path:
-    """A checkpoint folder as a finished save leaves it (``finished=False``: without the trainer's last marker)."""
-    folder = save_dir / f"iter_{step:07d}"
-    dcp.save({"weight": torch.arange(4096, dtype=torch.float32)}, checkpoint_id=str(folder), no_dist=True)
-    (folder / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
-    torch.save({"trainer": {"step": step}}, folder / "common.pt")
-    if finished:
-        (folder / "complete").write_text(f"{step}\n")
-    return folder
+from ..helpers import write_torch_dist_checkpoint as _save
 
 
 def _shard(folder: Path) -> Path:

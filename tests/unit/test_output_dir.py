@@ -11,6 +11,8 @@ from megatron_dapo.config import ToyModelConfig, TrainerConfig
 from megatron_dapo.output_dir import LOCK_FILE, OutputDirError, OutputLock, claim_output_dir
 from megatron_dapo.toy import build_toy_tokenizer, toy_hf_config
 
+from ..helpers import write_torch_dist_checkpoint
+
 
 def _toy_config(**changes):
     return toy_hf_config(ToyModelConfig(**changes), build_toy_tokenizer())
@@ -71,7 +73,7 @@ def test_overwrite_removes_the_old_output_and_says_what(tmp_path, capsys):
 
 def test_a_resume_is_allowed_only_of_the_same_model(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
-    saved = tmp_path / "checkpoints" / "iter_0000001"
+    saved = write_torch_dist_checkpoint(tmp_path / "checkpoints", 1)
     _toy_config().save_pretrained(saved / "hf_config")
     (tmp_path / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("1")
     claim_output_dir(TrainerConfig(output_dir=str(tmp_path)), tmp_path / "checkpoints", _toy_config())

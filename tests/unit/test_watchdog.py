@@ -4,7 +4,6 @@ other, waiting in a collective, dumps its stacks, names the stopped rank and exi
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
