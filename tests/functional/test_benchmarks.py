@@ -47,3 +47,8 @@ def test_dynamic_sampling_benchmark_quick():
 def test_rollout_scaling_benchmark_quick():
     lines = _run_quick("bench_rollout_scaling.py")
     assert re.fullmatch(r"engines 2/1 throughput_ratio=\d+\.\d+", lines[-1])
+
+
+def test_busy_machine_benchmark_quick():
+    lines = _run_quick("bench_busy_machine.py")
+    assert re.fullmatch(r"passive/default busy_slowdown ratio=\d+\.\d+", lines[-1])

@@ -42,9 +42,10 @@ def _build_environment_torch(pip_log: str) -> list[str]:
 
 def test_gpu_install_pins_torch_in_transformer_engines_build_environment(tmp_path):
     _newer_dummy_torch(tmp_path)
-    # An empty PIP_CONSTRAINT drops the CPU-only constraint and any torch cap of the machine's pip configuration
-    # (these machines cap torch at the releases on their disk), as on a GPU host; the script sets its own.
-    env = {**os.environ, "PIP_CONSTRAINT": ""}
+    # An empty constraint file replaces the CPU-only constraint and any torch cap of the machine's pip configuration
+    # (these machines cap torch at the releases on their disk; an empty PIP_CONSTRAINT does not lift it), as on a GPU
+    # host; the script sets its own.
+    env = {**os.environ, "PIP_CONSTRAINT": os.devnull}
     command = ["bash", "scripts/install_gpu.sh", "--dry-run", "--ignore-installed", "--disable-pip-version-check",
                "-v", "--find-links", str(tmp_path)]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400)
