@@ -37,6 +37,18 @@ def keep_freed_host_memory() -> None:
     libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
 
 
+def _this_attempts_store(timeout: timedelta) -> dist.Store:
+    """torchrun's store, with keys of this attempt only.
+
+    Workers reach the agent's TCPStore without a per-attempt prefix (torch 2.13 ``distributed/rendezvous.py``:
+    "We create a new TCPStore for every retry"), but the agent keeps one store across in-job restarts
+    (``--max-restarts``): a restarted worker then reads the previous attempt's gloo addresses and fails with
+    "Connection refused". ``TORCHELASTIC_RESTART_COUNT`` names the attempt.
+    """
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"megatron_dapo/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def initialize_process_group(timeout_minutes: int = 30) -> None:
     """Join the job (torchrun/srun set ``RANK`` etc.), or create a one-process world under plain ``python``.
 
@@ -55,7 +67,10 @@ def initialize_process_group(timeout_minutes: int = 30) -> None:
         keep_freed_host_memory()
         backend = "gloo"
     timeout = timedelta(minutes=timeout_minutes)
-    if "RANK" in os.environ:  # torchrun / srun: rendezvous from the environment
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun: its agent hosts the store
+        dist.init_process_group(backend=backend, store=_this_attempts_store(timeout), rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+    elif "RANK" in os.environ:  # srun without torchrun: rendezvous from the environment
         dist.init_process_group(backend=backend, timeout=timeout)
     else:  # plain `python`: a world of one (the environment is left untouched for child processes)
         dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,

@@ -21,7 +21,7 @@ from ..helpers import ROOT, TOY_CONFIG, metrics_rows, run_cli
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end: minutes on 2 cores
 
-TINY = ["toy_model.sft_steps=20", "algorithm.max_num_gen_batches=0", "data.toy_num_val=4", "rollout.val_n=2",
+TINY = ["toy_model.sft_steps=20", "algorithm.dynamic_sampling=false", "data.toy_num_val=4", "rollout.val_n=2",
         "trainer.export_hf=false", "logging.progress_bar=false", "optimizer.lr_warmup_steps=2"]
 COMPARED = ["actor/pg_loss", "actor/grad_norm", "actor/lr", "acc/mean", "entropy/mean"]
 
@@ -137,7 +137,8 @@ def test_a_worker_killed_mid_run_is_restarted_in_the_job_and_the_run_equals_an_u
         _wait_for(lambda: tracker.exists(), launcher, log)  # checkpoint 1 is complete: step 2 runs
         _worker(launcher, 1).kill()  # SIGKILL
         assert launcher.wait(timeout=900) == 0, log.read_text()[-3000:]
-    assert "will restart worker group" in log.read_text()  # torchrun's in-job restart, not a second job
+    # the same torchrun saw its worker die and still ended well: its workers were restarted inside the job
+    assert "failed (exitcode: -9) local_rank: 1" in log.read_text()
     expected, resumed = metrics_rows(whole), metrics_rows(split)
     assert [r["step"] for r in resumed] == [0, 1, 2, 3]  # each step once
     for step in (1, 2, 3):
