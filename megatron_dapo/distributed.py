@@ -43,7 +43,7 @@ def _this_attempts_store(timeout: timedelta) -> dist.Store:
     Workers reach the agent's TCPStore without a per-attempt prefix (torch 2.13 ``distributed/rendezvous.py``:
     "We create a new TCPStore for every retry"), but the agent keeps one store across in-job restarts
     (``--max-restarts``): a restarted worker then reads the previous attempt's gloo addresses and fails with
-    "Connection refused". ``TORCHELASTIC_RESTART_COUNT`` names the attempt.
+    "Connection refused" (docs/pitfalls.md, 43). ``TORCHELASTIC_RESTART_COUNT`` names the attempt.
     """
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
     return dist.PrefixStore(f"megatron_dapo/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
