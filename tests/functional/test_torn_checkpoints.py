@@ -13,7 +13,7 @@ from ..helpers import convert, metrics_rows, run_cli
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end: minutes on 2 cores
 
-SMALL = ["toy_model.sft_steps=0", "algorithm.max_num_gen_batches=0", "data.toy_num_val=1", "rollout.val_n=1",
+SMALL = ["toy_model.sft_steps=0", "algorithm.dynamic_sampling=false", "data.toy_num_val=1", "rollout.val_n=1",
          "trainer.save_interval=1", "trainer.export_hf=false", "trainer.max_steps=2"]
 
 
