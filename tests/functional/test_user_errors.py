@@ -1,5 +1,6 @@
 """Mistakes a new user makes end in one line naming what to fix, exit code 2, before any work starts."""
 
+import os
 import subprocess
 import sys
 
@@ -49,8 +50,10 @@ def test_a_user_error_under_the_torchrun_launcher_is_one_line_without_traceback(
     out = tmp_path / "run"
     launch = ["--standalone", "--nproc-per-node", "2", "-m", "megatron_dapo", "train", "--config", str(TOY_CONFIG),
               f"trainer.output_dir={out}", "algorithm.clip_ratio_c=0.5", "logging.progress_bar=false"]
+    # OMP_NUM_THREADS set: torchrun otherwise prints a notice that it chose 1 (a banner, not an error)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "megatron_dapo.torchrun", *launch], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=300, env=env)
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines() == [
         "error: algorithm.clip_ratio_c=0.5 must be > 1 (the reference uses 10), or null to disable"
