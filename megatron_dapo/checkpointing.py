@@ -111,11 +111,20 @@ def save_checkpoint(
         if failure is not None:
             if rank_zero:
                 shutil.rmtree(path, ignore_errors=True)
-            previous = next((folder.name for folder, problem in saved_iterations(save_dir) if problem is None), None)
-            kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
-            message = f"checkpoint {path.name} could not be written: {failure[0]}; {kept}"
-            raise CheckpointUnusableError(message) if failure[1] else RuntimeError(message)
+            previous = next((folder for folder, problem in saved_iterations(save_dir) if problem is None), None)
+            kept = f"the previous checkpoint {previous.name} is intact" if previous else "there is no earlier checkpoint"
+            reason = failure[0] if failure[1] or not _out_of_space(save_dir, previous) else "No space left on device"
+            raise CheckpointUnusableError(f"checkpoint {path.name} could not be written: {reason}; {kept}")
     return path
+
+
+def _out_of_space(save_dir: str | Path, previous: Path | None) -> bool:
+    """Whether ``save_dir``'s file system could not hold another checkpoint as large as ``previous``: torch's zip
+    writer reports a full disk without an errno ("[enforce fail at inline_container.cc] unexpected pos")."""
+    if previous is None:
+        return False
+    size = sum(file.stat().st_size for file in previous.rglob("*") if file.is_file())
+    return shutil.disk_usage(save_dir).free < size
 
 
 def _failure_on_any_rank(work: Callable[[], object], here: bool) -> tuple[str, bool] | None:

@@ -19,7 +19,9 @@ from megatron_dapo.config import TrainerConfig
 from megatron_dapo.errors import UserError
 from megatron_dapo.metrics import WANDB_RUN_ID_FILE
 from megatron_dapo.model_config import check_same_model
-from megatron_dapo.weights.checkpoint_reader import HF_CONFIG_DIR, TRACKER_FILE, newest_resumable
+from megatron_dapo.weights.checkpoint_reader import (
+    HF_CONFIG_DIR, TRACKER_FILE, newest_resumable, saved_iterations, strict_resume_refusal,
+)
 
 LOCK_FILE = ".megatron-dapo.lock"
 # what marks a folder as a run's output; trainer.overwrite removes these and the run's other products
@@ -105,6 +107,10 @@ def claim_output_dir(trainer: TrainerConfig, save_dir: Path, hf_config: Pretrain
     out = Path(trainer.output_dir)
     found = [name for name in RUN_OUTPUTS if (out / name).exists()]
     checkpoints = _checkpoint_files(save_dir)
+    if trainer.resume == "strict" and checkpoints:  # refused before the toy model or config.yaml is rewritten
+        newest = next(iter(saved_iterations(save_dir)), None)
+        if newest is not None and newest[1] is not None:
+            raise strict_resume_refusal(*newest)
     latest = newest_resumable(save_dir) if checkpoints else None
     if not found and not checkpoints:
         return

@@ -23,9 +23,9 @@ from megatron_dapo.actor.actor import MegatronActor
 from megatron_dapo.algorithm import truncated_is_weights
 from megatron_dapo.batch import build_training_batch, data_parallel_rows, split_batch, to_device
 from megatron_dapo.checkpointing import remove_old_checkpoints
-from megatron_dapo.weights.checkpoint_reader import CHECKPOINT_FAILURES, newest_resumable, saved_iterations
+from megatron_dapo.weights.checkpoint_reader import CHECKPOINT_FAILURES, newest_resumable, saved_iterations, strict_resume_refusal
 from megatron_dapo.config import DapoConfig, config_to_dict
-from megatron_dapo.errors import CheckpointUnusableError, UserError
+from megatron_dapo.errors import UserError
 from megatron_dapo.data import PromptSampler
 from megatron_dapo.distributed import (
     destroy_distributed,
@@ -214,10 +214,7 @@ class Job:
                 first_step = state["step"] + 1
                 break
             if resume == "strict":
-                raise CheckpointUnusableError(
-                    f"checkpoint {folder} is torn: {problem}; trainer.resume=strict refuses to fall back to an older "
-                    "one: set trainer.resume=true (drop --strict-resume) to resume from the newest complete checkpoint"
-                )
+                raise strict_resume_refusal(folder, problem)
             torn.append(f"{folder} ({problem})")
         if torn and is_rank_zero():
             resumed = f"resuming from {folder}" if first_step > 1 else "no complete checkpoint: starting from step 1"

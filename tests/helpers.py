@@ -19,8 +19,10 @@ def run_cli(*overrides: str, timeout: int = 900, command: str = "train", config:
     args = [sys.executable, "-m", "megatron_dapo", command]
     if config is not None:
         args += ["--config", str(config)]
+    args += [arg for arg in overrides if arg.startswith("--")]  # flags before the key=value overrides, as argparse wants
     if command == "train":
         args.append("logging.progress_bar=false")
+    overrides = [arg for arg in overrides if not arg.startswith("--")]
     return subprocess.run([*args, *overrides], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 

@@ -116,6 +116,14 @@ def saved_iterations(save_dir: str | Path) -> list[tuple[Path, str | None]]:
 
 
 
+
+def strict_resume_refusal(folder: Path, problem: str) -> CheckpointUnusableError:
+    """The error of ``trainer.resume: strict`` (``--strict-resume``) when the newest checkpoint is torn."""
+    return CheckpointUnusableError(
+        f"checkpoint {folder} is torn: {problem}; trainer.resume=strict refuses to fall back to an older "
+        "one: set trainer.resume=true (drop --strict-resume) to resume from the newest complete checkpoint"
+    )
+
 def newest_resumable(save_dir: str | Path) -> Path | None:
     """The newest ``iter_*`` folder of ``save_dir`` that is complete and readable (``None``: there is none)."""
     return next((folder for folder, why in saved_iterations(save_dir) if why is None), None)
