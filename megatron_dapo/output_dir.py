@@ -20,7 +20,7 @@ from megatron_dapo.errors import UserError
 from megatron_dapo.metrics import WANDB_RUN_ID_FILE
 from megatron_dapo.model_config import check_same_model
 from megatron_dapo.weights.checkpoint_reader import (
-    HF_CONFIG_DIR, TRACKER_FILE, newest_resumable, saved_iterations, strict_resume_refusal,
+    HF_CONFIG_DIR, TRACKER_FILE, saved_iterations, strict_resume_refusal,
 )
 
 LOCK_FILE = ".megatron-dapo.lock"
@@ -107,11 +107,10 @@ def claim_output_dir(trainer: TrainerConfig, save_dir: Path, hf_config: Pretrain
     out = Path(trainer.output_dir)
     found = [name for name in RUN_OUTPUTS if (out / name).exists()]
     checkpoints = _checkpoint_files(save_dir)
-    if trainer.resume == "strict" and checkpoints:  # refused before the toy model or config.yaml is rewritten
-        newest = next(iter(saved_iterations(save_dir)), None)
-        if newest is not None and newest[1] is not None:
-            raise strict_resume_refusal(*newest)
-    latest = newest_resumable(save_dir) if checkpoints else None
+    saved = saved_iterations(save_dir) if checkpoints else []  # newest first, each with why it cannot be resumed
+    if trainer.resume == "strict" and saved and saved[0][1] is not None:  # before toy model or config.yaml change
+        raise strict_resume_refusal(*saved[0])
+    latest = next((folder for folder, problem in saved if problem is None), None)
     if not found and not checkpoints:
         return
     if trainer.overwrite:
@@ -124,9 +123,9 @@ def claim_output_dir(trainer: TrainerConfig, save_dir: Path, hf_config: Pretrain
         print(f"output: trainer.overwrite=true: removed {', '.join(str(path) for path in removed)}", flush=True)
         return
     if trainer.resume and latest is not None:
-        saved = latest / HF_CONFIG_DIR
-        if saved.is_dir():  # a resume of another model is refused before config.yaml or the toy model is rewritten
-            check_same_model(hf_config, AutoConfig.from_pretrained(saved), f"checkpoint {latest}")
+        saved_config = latest / HF_CONFIG_DIR
+        if saved_config.is_dir():  # a resume of another model is refused before config.yaml or the toy model changes
+            check_same_model(hf_config, AutoConfig.from_pretrained(saved_config), f"checkpoint {latest}")
         return
     why = "trainer.resume=false" if latest is not None else f"no checkpoint to resume in {save_dir}"
     held = ", ".join(found + ([f"{save_dir}/iter_*"] if checkpoints else []))
