@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,16 +15,19 @@ ROOT = Path(__file__).resolve().parents[1]
 TOY_CONFIG = ROOT / "examples" / "configs" / "toy_cpu.yaml"
 
 
+_KEY_VALUE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
 def run_cli(*overrides: str, timeout: int = 900, command: str = "train", config: Path | None = TOY_CONFIG, env=None):
     """``python -m megatron_dapo <command> --config <config> <overrides>`` in a fresh process, as a user runs it."""
     args = [sys.executable, "-m", "megatron_dapo", command]
     if config is not None:
         args += ["--config", str(config)]
-    args += [arg for arg in overrides if arg.startswith("--")]  # flags before the key=value overrides, as argparse wants
-    if command == "train":
-        args.append("logging.progress_bar=false")
-    overrides = [arg for arg in overrides if not arg.startswith("--")]
-    return subprocess.run([*args, *overrides], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    key_values = [arg for arg in overrides if _KEY_VALUE.match(arg)]
+    args += [arg for arg in overrides if not _KEY_VALUE.match(arg)]  # flags, their values and positionals, in order,
+    if command == "train":  # before the key=value overrides, as argparse wants
+        key_values.append("logging.progress_bar=false")
+    return subprocess.run([*args, *key_values], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def metrics_rows(out: Path) -> list[dict]:
