@@ -58,6 +58,12 @@ class ToyModelConfig:
     num_attention_heads: int = option(4, "toy model attention heads")
     num_key_value_heads: int = option(2, "toy model KV heads (GQA)")
     tie_word_embeddings: bool = option(False, "tie input and output embeddings")
+    model_type: Literal["qwen2", "qwen3", "qwen3_moe"] = option(
+        "qwen2", "toy architecture: qwen2 | qwen3 (q/k RMSNorm) | qwen3_moe (q/k RMSNorm, MoE MLPs)"
+    )
+    num_experts: int = option(8, "qwen3_moe: routed experts per layer")
+    num_experts_per_tok: int = option(2, "qwen3_moe: experts per token (top-k)")
+    moe_intermediate_size: int = option(96, "qwen3_moe: each expert's FFN size")
     sft_steps: int = option(2000, "supervised warm-start steps")
     sft_batch_size: int = option(64, "warm-start batch size")
     sft_lr: float = option(1e-3, "warm-start AdamW learning rate")
@@ -73,6 +79,8 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = option(1, "PP: pipeline stages (data parallelism is the rest of the world size)")
     virtual_pipeline_model_parallel_size: int | None = option(None, "model chunks per pipeline rank (interleaved 1F1B)")
     sequence_parallel: bool = option(False, "with TP > 1: norms on sequence shards, activations 1/TP")
+    expert_model_parallel_size: int = option(1, "EP (MoE): ranks sharing each layer's experts, from TP × DP")
+    expert_tensor_parallel_size: int | None = option(None, "ETP (MoE): ranks sharing each expert's matrices; null: = TP")
     use_distributed_optimizer: bool = option(False, "optimizer state and fp32 master weights sharded over DP")
     micro_batch_size: int = option(8, "samples per micro-batch (sorted by length, cut to the longest)")
     recompute_granularity: Literal["none", "full", "selective"] = option(
@@ -162,6 +170,10 @@ class AlgorithmConfig:
     overlong_penalty_factor: float = option(1.0, "punishment at L_max")
     kl_coef: float = option(0.0, "> 0 adds a k3 KL-to-reference term (naive GRPO baseline)")
     tis_cap: float | None = option(2.0, "truncated importance-sampling cap C; null disables")
+    moe_aux_loss_coef: float = option(0.0, "MoE: the router's load-balancing loss coefficient (logged even at 0)")
+    routing_replay: Literal["off", "rollout"] = option(
+        "off", "MoE: rollout makes the actor's forwards use the experts the engine chose for each token"
+    )
 
 
 @dataclass
@@ -271,6 +283,14 @@ class DapoConfig:
                 f"`torchrun --nproc-per-node {model_parallel} -m megatron_dapo train ...`"
             )
         dp = world_size // model_parallel
+        ep, etp = par.expert_model_parallel_size, par.expert_tensor_parallel_size or par.tensor_model_parallel_size
+        expert_parallel = ep * etp * par.pipeline_model_parallel_size
+        if world_size % expert_parallel:
+            raise ConfigError(
+                f"parallel.expert_model_parallel_size × expert_tensor_parallel_size × pipeline_model_parallel_size = "
+                f"{ep} × {etp} × {par.pipeline_model_parallel_size} must divide the world size {world_size} (megatron "
+                f"lays experts out over the ranks of a pipeline stage): lower parallel.expert_model_parallel_size"
+            )
         if alg.train_batch_size > alg.gen_batch_size:
             raise ConfigError(
                 f"algorithm.train_batch_size={alg.train_batch_size} > algorithm.gen_batch_size="
@@ -321,12 +341,13 @@ _AT_LEAST_ONE = (
     "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size", "parallel.micro_batch_size",
     "rollout.max_response_length", "rollout.val_n", "algorithm.gen_batch_size", "algorithm.train_batch_size",
     "algorithm.mini_batch_size", "algorithm.ppo_epochs", "model.loss_chunk_size", "data.toy_num_train",
-    "rollout.ranks_per_engine", "trainer.distributed_timeout_minutes",
+    "rollout.ranks_per_engine", "trainer.distributed_timeout_minutes", "parallel.expert_model_parallel_size",
+    "toy_model.num_experts", "toy_model.num_experts_per_tok", "toy_model.moe_intermediate_size",
 )
 _NON_NEGATIVE = (
     "trainer.max_steps", "trainer.save_interval", "trainer.export_hf_interval", "trainer.keep_last",
     "trainer.eval_interval", "trainer.stall_timeout_s", "optimizer.min_lr",
-    "optimizer.lr_warmup_steps", "optimizer.weight_decay", "algorithm.kl_coef", "algorithm.overlong_penalty_factor",
+    "optimizer.lr_warmup_steps", "optimizer.weight_decay", "algorithm.kl_coef", "algorithm.moe_aux_loss_coef", "algorithm.overlong_penalty_factor",
     "rollout.weight_sync_bucket_mb", "rollout.groups_in_flight", "reward.num_workers", "toy_model.sft_steps",
     "data.toy_num_val", "logging.rollout_dump_interval",
 )
@@ -385,6 +406,13 @@ def _validate_ranges(config: DapoConfig) -> None:
         raise ConfigError(f"algorithm.clip_ratio_c={alg.clip_ratio_c} must be > 1 (the reference uses 10), or null to disable")
     if alg.tis_cap is not None and alg.tis_cap <= 0:
         raise ConfigError(f"algorithm.tis_cap={alg.tis_cap} must be > 0 (about 2), or null to disable")
+    etp = config.parallel.expert_tensor_parallel_size
+    if etp is not None and etp < 1:
+        raise ConfigError(f"parallel.expert_tensor_parallel_size={etp} must be at least 1, or null (= TP)")
+    if toy.num_experts_per_tok > toy.num_experts:
+        raise ConfigError(
+            f"toy_model.num_experts_per_tok={toy.num_experts_per_tok} > toy_model.num_experts={toy.num_experts}"
+        )
     vpp = config.parallel.virtual_pipeline_model_parallel_size
     if vpp is not None and vpp < 1:
         raise ConfigError(f"parallel.virtual_pipeline_model_parallel_size={vpp} must be at least 1, or null")
