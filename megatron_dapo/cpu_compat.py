@@ -9,6 +9,8 @@ calls to the CPU:
 - a ``TorchFunctionMode`` maps ``device="cuda"``/integer devices, ``.cuda()`` and ``.to("cuda")`` to CPU;
 - the CUDA RNG API (and megatron's private ``_get/_set_cuda_rng_state``) is served by the CPU generator;
 - ``Tensor.type()`` names CPU tensors as their CUDA twins, for megatron's ``torch.cuda.FloatTensor`` asserts;
+- CUDA streams and events (megatron's all-to-all MoE dispatcher copies its split sizes to the host on a side
+  stream) are host objects whose waits return at once: CPU work is already ordered;
 - activation recompute (``tensor_parallel.checkpoint``) re-runs the forward inside ``backward``, where the mode
   is not active: its backward enters the mode itself (the causal mask is created with ``device="cuda"``).
 
@@ -16,6 +18,8 @@ Nothing here is used when CUDA is available. ``install()`` is idempotent.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -60,6 +64,22 @@ def _cpu_type(self: torch.Tensor, dtype=None, non_blocking: bool = False, **kwar
 _ORIGINAL_TYPE = torch.Tensor.type
 
 
+class _HostStream:
+    """A CUDA stream's interface for CPU work, which runs in program order (nothing to wait for)."""
+
+    def wait_stream(self, stream: object) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, event: object = None) -> "_HostStream":
+        return self  # the "event" is already complete: its synchronize() returns at once
+
+
+_DEFAULT_STREAM = _HostStream()
+
+
 def install() -> None:
     """Install the CPU redirections; a no-op when CUDA is available or already installed."""
     global _installed
@@ -75,6 +95,9 @@ def install() -> None:
     torch.cuda.manual_seed = torch.default_generator.manual_seed
     torch.cuda.manual_seed_all = lambda seed: None  # torch.manual_seed calls it after seeding the CPU
     torch.cuda.empty_cache = lambda: None
+    torch.cuda.Stream = lambda *a, **k: _HostStream()
+    torch.cuda.current_stream = lambda *a, **k: _DEFAULT_STREAM
+    torch.cuda.stream = lambda stream: contextlib.nullcontext()
     mcore_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     torch.Tensor.type = _cpu_type

@@ -83,14 +83,18 @@ def initialize_model_parallel(
     seed: int,
     virtual_pipeline_model_parallel_size: int | None = None,
     timeout_minutes: int = 30,
+    expert_model_parallel_size: int = 1,
+    expert_tensor_parallel_size: int | None = None,
 ) -> None:
-    """Megatron's TP/PP/DP groups over the joined job (with the process group's timeout), and its
-    model-parallel RNG streams."""
+    """Megatron's TP/PP/DP (and, for MoE, EP/ETP/expert-DP) groups over the joined job (with the process group's
+    timeout), and its model-parallel RNG streams."""
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_model_parallel_size,
             pipeline_model_parallel_size=pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+            expert_model_parallel_size=expert_model_parallel_size,
+            expert_tensor_parallel_size=expert_tensor_parallel_size,
             distributed_timeout_minutes=timeout_minutes,
         )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -101,11 +105,14 @@ def initialize_distributed(
     pipeline_model_parallel_size: int,
     seed: int,
     virtual_pipeline_model_parallel_size: int | None = None,
+    expert_model_parallel_size: int = 1,
+    expert_tensor_parallel_size: int | None = None,
 ) -> None:
     """``initialize_process_group`` then ``initialize_model_parallel``."""
     initialize_process_group()
     initialize_model_parallel(
-        tensor_model_parallel_size, pipeline_model_parallel_size, seed, virtual_pipeline_model_parallel_size
+        tensor_model_parallel_size, pipeline_model_parallel_size, seed, virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size, expert_tensor_parallel_size=expert_tensor_parallel_size,
     )
 
 

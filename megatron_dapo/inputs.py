@@ -50,6 +50,8 @@ def check_model_fits_layout(config: DapoConfig) -> None:
         par.tensor_model_parallel_size,
         par.pipeline_model_parallel_size,
         par.virtual_pipeline_model_parallel_size,
+        par.expert_model_parallel_size,
+        par.expert_tensor_parallel_size,
     )
     max_prompt, max_response = config.data.max_prompt_length, config.rollout.max_response_length
     if max_prompt is not None and max_prompt + max_response > hf_config.max_position_embeddings:

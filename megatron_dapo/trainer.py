@@ -111,6 +111,7 @@ class Job:
         self.actor = MegatronActor(
             self.hf_dir, config.model, config.parallel, config.optimizer, config.policy_loss(),
             total_steps=config.trainer.max_steps * updates_per_step,
+            moe_aux_loss_coef=alg.moe_aux_loss_coef, routing_replay=alg.routing_replay == "rollout",
         )
         self.dp_size = parallel_state.get_data_parallel_world_size()
         dp_rank_of = [None] * dist.get_world_size()
@@ -389,6 +390,7 @@ def _train(config: DapoConfig) -> tuple[float | None, float | None]:
     initialize_model_parallel(
         par.tensor_model_parallel_size, par.pipeline_model_parallel_size, config.trainer.seed,
         par.virtual_pipeline_model_parallel_size, config.trainer.distributed_timeout_minutes,
+        par.expert_model_parallel_size, par.expert_tensor_parallel_size,
     )
     torch.manual_seed(config.trainer.seed)
     stop_requests = StopRequests()

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_CONFIG = ROOT / "examples" / "configs" / "toy_cpu.yaml"
@@ -91,6 +91,46 @@ def make_tiny_qwen2(path, tied: bool, seed: int = 0, num_layers: int = 2) -> Qwe
             param.normal_(0.0, 0.3)
     model.save_pretrained(path)
     return model
+
+
+def make_tiny_qwen3(path, moe: bool, seed: int = 0, num_layers: int = 2, num_experts: int = 8, top_k: int = 2,
+                    norm_topk_prob: bool = True):
+    """A random Qwen3 (q/k norms, head_dim 16 ≠ hidden / heads) or Qwen3-MoE (``num_experts`` experts, top-k),
+    saved to ``path`` (experts one by one on disk, as HF checkpoints store them)."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=50, hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-6,
+                  rope_theta=1_000_000.0, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1)
+    if moe:
+        config = Qwen3MoeConfig(**common, intermediate_size=64, moe_intermediate_size=24, num_experts=num_experts,
+                                num_experts_per_tok=top_k, norm_topk_prob=norm_topk_prob, router_aux_loss_coef=0.0)
+        model = Qwen3MoeForCausalLM(config)
+    else:
+        model = Qwen3ForCausalLM(Qwen3Config(**common, intermediate_size=64))
+    with torch.no_grad():  # large random weights so that layout errors show; norms away from 1
+        for name, param in model.named_parameters():
+            param.normal_(1.0, 0.2) if "norm" in name else param.normal_(0.0, 0.3)
+    model.save_pretrained(path)
+    return model
+
+
+def checkpoint_named(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 5's in-memory tensors (or their gradients) under checkpoint names: fused experts
+    (``mlp.experts.gate_up_proj`` [E, 2I, H], ``mlp.experts.down_proj`` [E, H, I]) split into HF's per-expert
+    ``mlp.experts.<e>.{gate,up,down}_proj.weight``."""
+    out = {}
+    for name, tensor in named.items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix = name[: -len("gate_up_proj")]
+            for e, fused in enumerate(tensor):
+                out[f"{prefix}{e}.gate_proj.weight"], out[f"{prefix}{e}.up_proj.weight"] = fused.chunk(2, dim=0)
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            for e, down in enumerate(tensor):
+                out[f"{prefix}{e}.down_proj.weight"] = down
+        else:
+            out[name] = tensor
+    return out
 
 
 def hf_logprobs(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:

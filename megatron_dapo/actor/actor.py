@@ -92,10 +92,13 @@ class MegatronActor:
         optimizer: OptimizerConfig,
         loss: PolicyLossConfig,
         total_steps: int,
+        moe_aux_loss_coef: float = 0.0,
+        routing_replay: bool = False,
     ) -> None:
         """Build this rank's model chunks from ``model.megatron_checkpoint`` or ``hf_dir``'s weights, the
         optimizer and its LR schedule over ``total_steps`` optimiser steps; a frozen reference copy when the
-        loss has a KL term."""
+        loss has a KL term. MoE: the router's load-balancing loss coefficient, and whether forwards replay the
+        engine's routes (``algorithm.routing_replay``)."""
         self.model_options, self.parallel, self.loss = model, parallel, loss
         # Where the model and its inputs live: this rank's GPU, or the CPU (megatron's CPU layer).
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -111,6 +114,10 @@ class MegatronActor:
             sequence_parallel=par.sequence_parallel,
             vpp_size=par.virtual_pipeline_model_parallel_size,
             recompute_granularity=par.recompute_granularity,
+            ep_size=par.expert_model_parallel_size,
+            etp_size=par.expert_tensor_parallel_size,
+            moe_aux_loss_coef=moe_aux_loss_coef,
+            routing_replay=routing_replay,
         )
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=par.use_distributed_optimizer

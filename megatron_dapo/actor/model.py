@@ -1,4 +1,4 @@
-"""Build a megatron-core ``GPTModel`` (this rank's pipeline stage) from a Hugging Face Qwen2/Llama config."""
+"""Build a megatron-core ``GPTModel`` (this rank's pipeline stage) from a Hugging Face Qwen2/Llama/Qwen3(-MoE) config."""
 
 from __future__ import annotations
 
@@ -15,7 +15,16 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from transformers import PretrainedConfig
 
-from megatron_dapo.model_config import has_qkv_bias, head_dim, padded_vocab_size, rope_theta, validate_hf_config
+from megatron_dapo.errors import ConfigError
+from megatron_dapo.model_config import (
+    has_qk_norm,
+    has_qkv_bias,
+    head_dim,
+    num_experts,
+    padded_vocab_size,
+    rope_theta,
+    validate_hf_config,
+)
 
 
 @functools.cache
@@ -52,12 +61,24 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
     """torch RMSNorm for the local spec whose weight is tagged for sequence parallelism.
 
     megatron-core's ``WrappedTorchNorm`` refuses sequence parallelism; the tag is all it needs:
-    ``finalize_model_grads`` all-reduces tagged norm gradients over the TP group.
+    ``finalize_model_grads`` all-reduces tagged norm gradients over the TP group. Also used for Qwen3's q/k
+    norms under sequence parallelism (their inputs are heads, not sequence shards; ``finalize_model_grads``
+    reduces them once, by name, whether tagged or not).
     """
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: object) -> None:
         super().__init__(hidden_size, eps=eps)
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+
+def _define_te_gemm_fallback() -> None:
+    """megatron-core 0.16.1's ``moe/moe_utils.py`` imports ``te_general_gemm`` only when Transformer Engine imports,
+    yet ``RouterGatingLinearFunction`` reads the name unconditionally (``if te_general_gemm is not None``): without
+    TE every MoE router forward raises ``NameError``. ``None`` is the value its own check expects for "no TE"."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def layer_spec(config: TransformerConfig, vp_stage: int | None = None) -> ModuleSpec | TransformerBlockSubmodules:
@@ -67,14 +88,25 @@ def layer_spec(config: TransformerConfig, vp_stage: int | None = None) -> Module
     """
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if transformer_engine_available():
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    moe = {"num_experts": config.num_moe_experts, "qk_layernorm": config.qk_layernorm}
+    if config.num_moe_experts:
+        _define_te_gemm_fallback()
+    if transformer_engine_available():  # MoE: TE's grouped GEMM experts
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(moe_grouped_gemm=config.moe_grouped_gemm, **moe)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", **moe)  # MoE: SequentialMLP experts
     if not config.sequence_parallel:
         return spec
     norm = ModuleSpec(module=SequenceParallelRMSNorm)
+    attention = spec.submodules.self_attention
+    if config.qk_layernorm:
+        attention = dataclasses.replace(
+            attention, submodules=dataclasses.replace(attention.submodules, q_layernorm=norm, k_layernorm=norm)
+        )
     layer = dataclasses.replace(
-        spec, submodules=dataclasses.replace(spec.submodules, input_layernorm=norm, pre_mlp_layernorm=norm)
+        spec,
+        submodules=dataclasses.replace(
+            spec.submodules, input_layernorm=norm, pre_mlp_layernorm=norm, self_attention=attention
+        ),
     )
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage), layer_norm=norm)
 
@@ -87,8 +119,13 @@ def transformer_config_from_hf(
     sequence_parallel: bool = False,
     vpp_size: int | None = None,
     recompute_granularity: str = "none",
+    ep_size: int = 1,
+    etp_size: int | None = None,
+    moe_aux_loss_coef: float = 0.0,
+    routing_replay: bool = False,
 ) -> TransformerConfig:
-    """megatron-core ``TransformerConfig`` equivalent to a Qwen2/Llama HF config, with per-token loss on.
+    """megatron-core ``TransformerConfig`` equivalent to a Qwen2/Llama/Qwen3/Qwen3-MoE HF config, with per-token
+    loss on.
 
     Micro-batches may differ in length (padding-aware micro-batching): with PP their shapes are exchanged;
     the interleaved schedule needs one shape for all of them. ``recompute_granularity`` (``parallel.*``):
@@ -96,7 +133,11 @@ def transformer_config_from_hf(
     attention (the part that grows with the square of the sequence); docs/planner.md has what each saves.
     """
     vpp_size = vpp_size if vpp_size and vpp_size > 1 else None
-    validate_hf_config(hf_config, tp_size, pp_size, vpp_size)
+    validate_hf_config(hf_config, tp_size, pp_size, vpp_size, ep_size, etp_size)
+    if routing_replay and not num_experts(hf_config):
+        raise ConfigError(
+            f"algorithm.routing_replay=rollout needs a MoE model; {hf_config.model_type!r} is dense: set it to off"
+        )
     on_gpu = torch.cuda.is_available()
     recompute = {
         "none": {},
@@ -134,12 +175,44 @@ def transformer_config_from_hf(
         calculate_per_token_loss=True,
         sequence_parallel=sequence_parallel and tp_size > 1,
         variable_seq_lengths=pp_size > 1 and vpp_size is None,  # interleaving: one width for all micro-batches
+        qk_layernorm=has_qk_norm(hf_config),
+        **_moe_fields(hf_config, ep_size, etp_size, moe_aux_loss_coef, routing_replay, on_gpu),
         moe_token_dispatcher_type="alltoall",  # megatron refuses its default ("allgather") with variable lengths
         # gloo: batched isend/irecv pairs up wrongly in the interleaved steady state (wrong activations,
         # measured); single ops are ordered. NCCL keeps megatron's default.
         batch_p2p_comm=on_gpu,
         **recompute,
     )
+
+
+def _moe_fields(
+    hf_config: PretrainedConfig, ep_size: int, etp_size: int | None, aux_loss_coef: float, routing_replay: bool, on_gpu: bool
+) -> dict[str, object]:
+    """Qwen3-MoE's router as megatron expresses it (megatron/core/transformer/moe/moe_utils.py,
+    ``topk_routing_with_score_function``): HF takes the top-k of softmax(logits) and, with ``norm_topk_prob``,
+    renormalises them, which is a softmax over the top-k logits (``moe_router_pre_softmax=False``); without it
+    the weights are the full softmax's (``True``). The router runs in fp32 (``moe_router_dtype``), as SGLang's
+    does, so that bf16 rounding does not change which experts are chosen. Routing replay needs the unfused
+    top-k: the fused one bypasses the replay hook."""
+    experts = num_experts(hf_config)
+    if not experts:
+        return {}
+    return {
+        "num_moe_experts": experts,
+        "moe_router_topk": hf_config.num_experts_per_tok,
+        "moe_ffn_hidden_size": hf_config.moe_intermediate_size,
+        "moe_router_score_function": "softmax",
+        "moe_router_pre_softmax": not hf_config.norm_topk_prob,
+        "moe_router_dtype": "fp32",
+        "moe_router_load_balancing_type": "aux_loss" if aux_loss_coef > 0 else "none",
+        "moe_aux_loss_coeff": aux_loss_coef,
+        "moe_router_fusion": False,
+        "moe_permute_fusion": False,
+        "moe_grouped_gemm": on_gpu,
+        "moe_enable_routing_replay": routing_replay,
+        "expert_model_parallel_size": ep_size,
+        "expert_tensor_parallel_size": etp_size,  # None: megatron makes it TP
+    }
 
 
 def build_gpt_model(

@@ -49,6 +49,24 @@ class SeededSampling(LogitsProcessor):
         return logprobs + gumbel
 
 
+def _checkpoint_views(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The model's parameters by HF checkpoint name, as the actor sends them. transformers 5 keeps a MoE layer's
+    experts fused in memory (``mlp.experts.gate_up_proj`` [E, 2I, H], gate rows first; ``mlp.experts.down_proj``
+    [E, H, I]) while checkpoints, SGLang and the actor name them one by one
+    (``mlp.experts.<e>.{gate,up,down}_proj.weight``): each of those is a view into the fused parameter."""
+    views: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        prefix = name.rpartition(".")[0] + "."
+        if name.endswith("mlp.experts.gate_up_proj"):
+            for expert, fused in enumerate(param):
+                views[f"{prefix}{expert}.gate_proj.weight"], views[f"{prefix}{expert}.up_proj.weight"] = fused.chunk(2)
+        elif name.endswith("mlp.experts.down_proj"):
+            views.update((f"{prefix}{expert}.down_proj.weight", down) for expert, down in enumerate(param))
+        else:
+            views[name] = param
+    return views
+
+
 class HFRolloutEngine(RolloutEngine):
     """Rollout engine over an in-process ``transformers`` model (fp32, CPU)."""
 
@@ -62,7 +80,7 @@ class HFRolloutEngine(RolloutEngine):
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
         self.queued: list[GroupRequest] = []
-        self._params = dict(self.model.named_parameters())
+        self._params = _checkpoint_views(self.model)
 
     @classmethod
     def from_pretrained(cls, hf_dir: str, pad_token_id: int, eos_token_id: int) -> "HFRolloutEngine":
@@ -127,6 +145,7 @@ class HFRolloutEngine(RolloutEngine):
         return results
 
     # ------------------------------------------------------------------ weights
+    # (the bucket names are HF checkpoint names: see _checkpoint_views)
     @torch.no_grad()
     def update_weights(self, buckets: Iterable[Bucket]) -> None:
         """Copy each bucket's tensors into the model's parameters in place."""

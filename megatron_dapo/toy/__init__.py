@@ -1,4 +1,4 @@
-"""The offline toy model: a tiny Qwen2 and a character tokenizer, warm-started on the toy task."""
+"""The offline toy model: a tiny Qwen2 (or Qwen3, Qwen3-MoE) and a character tokenizer, warm-started on the toy task."""
 
 from megatron_dapo.toy.toy_model import build_toy_checkpoint, build_toy_tokenizer, toy_hf_config
 

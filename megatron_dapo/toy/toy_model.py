@@ -1,4 +1,5 @@
-"""Build the CPU toy policy offline: character tokenizer, tiny Qwen2, short supervised warm start.
+"""Build the CPU toy policy offline: character tokenizer, tiny Qwen2 (or Qwen3 / Qwen3-MoE), short supervised
+warm start.
 
 The warm start teaches the answer format and most of the arithmetic, so that sampled accuracy starts well
 between 0 and 1 and DAPO has groups with reward spread to learn from.
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from tqdm import tqdm
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
 from megatron_dapo.config import ToyModelConfig
 from megatron_dapo.data import DATA_SOURCES, PromptRecord, countdown_problem
@@ -37,8 +38,17 @@ def build_toy_tokenizer() -> PreTrainedTokenizerFast:
     return wrapped
 
 
-def toy_hf_config(cfg: ToyModelConfig, tokenizer: PreTrainedTokenizerFast) -> Qwen2Config:
-    return Qwen2Config(
+def toy_hf_config(cfg: ToyModelConfig, tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
+    """The toy's HF config: ``toy_model.model_type`` picks the family (Qwen3's head size is hidden / heads here)."""
+    family: dict[str, object] = {}
+    config_class = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "qwen3_moe": Qwen3MoeConfig}[cfg.model_type]
+    if cfg.model_type != "qwen2":
+        family["head_dim"] = cfg.hidden_size // cfg.num_attention_heads
+    if cfg.model_type == "qwen3_moe":
+        family.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+                      moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=True)
+    return config_class(
+        **family,
         vocab_size=TOY_VOCAB_SIZE,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -151,7 +161,7 @@ def _warm_start(
 ) -> Path:
     torch.manual_seed(seed)
     tokenizer = build_toy_tokenizer()
-    model = Qwen2ForCausalLM(toy_hf_config(cfg, tokenizer))
+    model = AutoModelForCausalLM.from_config(toy_hf_config(cfg, tokenizer))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)

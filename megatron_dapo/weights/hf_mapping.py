@@ -1,4 +1,4 @@
-"""The one Megatron ⇄ Hugging Face name and layout mapping (Qwen2/Qwen2.5, Llama).
+"""The one Megatron ⇄ Hugging Face name and layout mapping (Qwen2/Qwen2.5, Llama, Qwen3, Qwen3-MoE).
 
 A Megatron parameter (by its name inside one pipeline stage) maps to one or more HF tensors and a layout
 ``kind`` saying how its tensor-parallel shard is built from them and how all shards merge back:
@@ -16,6 +16,14 @@ so a rank importing a 32B checkpoint reads its slices, not whole tensors.
 
 Both layer specs are covered: the local spec's ``input_layernorm``/``pre_mlp_layernorm`` and Transformer
 Engine's fused ``linear_qkv.layer_norm_weight``/``linear_fc1.layer_norm_weight``.
+
+MoE layers: the router (``mlp.router.weight``, replicated) is HF's ``mlp.gate.weight``; each expert's
+``linear_fc1``/``linear_fc2`` is a ``gate_up``/``row`` parameter of its own, split over the *expert*
+tensor-parallel group, named ``mlp.experts.local_experts.<i>.linear_fc*.weight`` by the local spec's
+``SequentialMLP`` and ``mlp.experts.linear_fc*.weight<i>`` by Transformer Engine's ``TEGroupedMLP``. ``<i>`` is
+the rank's local expert; the HF expert is ``expert_offset + i`` (``expert_offset``: EP rank × local experts).
+HF checkpoints store experts one by one (``mlp.experts.<e>.{gate,up,down}_proj.weight``); transformers 5
+fuses them in memory only.
 """
 
 from __future__ import annotations
@@ -44,10 +52,19 @@ _LAYER_MAP: dict[str, tuple[str, tuple[str, ...]]] = {
         ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
     ),
     "self_attention.linear_proj.weight": ("row", ("self_attn.o_proj.weight",)),
+    "self_attention.q_layernorm.weight": ("replicated", ("self_attn.q_norm.weight",)),
+    "self_attention.k_layernorm.weight": ("replicated", ("self_attn.k_norm.weight",)),
+    "mlp.router.weight": ("replicated", ("mlp.gate.weight",)),
     "pre_mlp_layernorm.weight": ("replicated", ("post_attention_layernorm.weight",)),
     "mlp.linear_fc1.layer_norm_weight": ("replicated", ("post_attention_layernorm.weight",)),
     "mlp.linear_fc1.weight": ("gate_up", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
     "mlp.linear_fc2.weight": ("row", ("mlp.down_proj.weight",)),
+}
+# local spec (SequentialMLP) and Transformer Engine (TEGroupedMLP) expert names -> the HF per-expert suffixes
+_EXPERT = re.compile(r"^mlp\.experts\.(?:local_experts\.(\d+)\.(linear_fc[12])\.weight|(linear_fc[12])\.weight(\d+))$")
+_EXPERT_MAP: dict[str, tuple[str, tuple[str, ...]]] = {
+    "linear_fc1": ("gate_up", ("gate_proj.weight", "up_proj.weight")),
+    "linear_fc2": ("row", ("down_proj.weight",)),
 }
 _GLOBAL_MAP: dict[str, tuple[str, tuple[str, ...]]] = {
     "embedding.word_embeddings.weight": ("vocab", ("model.embed_tokens.weight",)),
@@ -63,10 +80,14 @@ class ParamMapping:
     megatron_name: str
     kind: str
     hf_names: tuple[str, ...]
+    expert: int | None = None  # the HF expert of an expert parameter (split over expert TP, owned by one EP rank)
 
 
-def param_mapping(megatron_name: str, global_layer_index: int | None, layout: ModelLayout) -> ParamMapping:
-    """Mapping of a stage-local Megatron parameter name; ``global_layer_index`` for ``decoder.layers.*``.
+def param_mapping(
+    megatron_name: str, global_layer_index: int | None, layout: ModelLayout, expert_offset: int = 0
+) -> ParamMapping:
+    """Mapping of a stage-local Megatron parameter name; ``global_layer_index`` for ``decoder.layers.*``,
+    ``expert_offset`` (this EP rank's first expert) for expert parameters.
 
     With tied embeddings the output layer (a copy Megatron keeps on the last pipeline stage) maps to
     ``model.embed_tokens.weight``: HF has no ``lm_head.weight`` then (docs/pitfalls.md, 10).
@@ -74,6 +95,13 @@ def param_mapping(megatron_name: str, global_layer_index: int | None, layout: Mo
     match = _LAYER.match(megatron_name)
     if match:
         suffix = match.group(2)
+        expert = _EXPERT.match(suffix)
+        if expert:
+            local_index, linear = (expert.group(1), expert.group(2)) if expert.group(1) else (expert.group(4), expert.group(3))
+            index = expert_offset + int(local_index)
+            kind, hf_suffixes = _EXPERT_MAP[linear]
+            prefix = f"model.layers.{global_layer_index}.mlp.experts.{index}."
+            return ParamMapping(megatron_name, kind, tuple(prefix + s for s in hf_suffixes), expert=index)
         if suffix not in _LAYER_MAP:
             raise KeyError(f"no Hugging Face mapping for Megatron parameter {megatron_name!r}")
         kind, hf_suffixes = _LAYER_MAP[suffix]

@@ -51,7 +51,12 @@ def chunks_of(model: ModelChunks) -> list[torch.nn.Module]:
 
 
 def local_param_mappings(model: ModelChunks, layout: ModelLayout) -> Iterator[tuple[torch.nn.Parameter, ParamMapping]]:
-    """Each parameter of this rank's chunks with its HF mapping (global layer indices via ``layer_number``)."""
+    """Each parameter of this rank's chunks with its HF mapping (global layer indices via ``layer_number``,
+    global experts from this rank's expert-parallel rank)."""
+    expert_offset = 0
+    if layout.num_experts:
+        ep_size = parallel_state.get_expert_model_parallel_world_size()
+        expert_offset = parallel_state.get_expert_model_parallel_rank() * (layout.num_experts // ep_size)
     for chunk in chunks_of(model):
         gpt = unwrap(chunk)
         for name, param in gpt.named_parameters():
@@ -59,14 +64,20 @@ def local_param_mappings(model: ModelChunks, layout: ModelLayout) -> Iterator[tu
             if name.startswith("decoder.layers."):
                 local_index = int(name.split(".")[2])
                 layer_index = gpt.decoder.layers[local_index].layer_number - 1
-            yield param, param_mapping(name, layer_index, layout)
+            yield param, param_mapping(name, layer_index, layout, expert_offset)
+
+
+def tensor_parallel_coordinates(mapping: ParamMapping) -> tuple[int, int]:
+    """``(rank, size)`` in the group that splits this parameter: expert TP for experts, TP otherwise."""
+    if mapping.expert is not None:
+        return parallel_state.get_expert_tensor_parallel_rank(), parallel_state.get_expert_tensor_parallel_world_size()
+    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
 
 
 def load_weights(model: ModelChunks, reader: TensorReader, layout: ModelLayout, source: str) -> None:
     """Copy HF weights from ``reader`` into this rank's Megatron shards, refusing shape mismatches."""
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
     for param, mapping in local_param_mappings(model, layout):
+        tp_rank, tp_size = tensor_parallel_coordinates(mapping)
         shard = hf_to_megatron(mapping, reader, layout, tp_rank, tp_size, padded_rows=param.shape[0] * tp_size)
         if shard.shape != param.shape:
             raise different_models(

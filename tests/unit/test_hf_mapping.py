@@ -97,7 +97,23 @@ def test_tied_output_layer_maps_to_embedding_and_both_layer_specs_are_known():
     te = param_mapping("decoder.layers.2.self_attention.linear_qkv.layer_norm_weight", 2, LAYOUT)
     assert local.hf_names == te.hf_names == ("model.layers.2.input_layernorm.weight",)
     with pytest.raises(KeyError, match="no Hugging Face mapping"):
-        param_mapping("decoder.layers.0.mlp.router.weight", 0, LAYOUT)
+        param_mapping("decoder.layers.0.mlp.shared_experts.linear_fc1.weight", 0, LAYOUT)
+
+
+def test_expert_names_of_both_specs_map_to_the_global_hf_expert():
+    """The local spec's SequentialMLP and TE's TEGroupedMLP name local expert 1 differently; on EP rank 1 of a
+    layout with 4 local experts it is HF expert 5."""
+    local = param_mapping("decoder.layers.3.mlp.experts.local_experts.1.linear_fc1.weight", 3, LAYOUT, expert_offset=4)
+    grouped = param_mapping("decoder.layers.3.mlp.experts.linear_fc1.weight1", 3, LAYOUT, expert_offset=4)
+    expected = ("model.layers.3.mlp.experts.5.gate_proj.weight", "model.layers.3.mlp.experts.5.up_proj.weight")
+    assert local.hf_names == grouped.hf_names == expected
+    assert local.kind == "gate_up" and local.expert == 5
+    down = param_mapping("decoder.layers.3.mlp.experts.linear_fc2.weight0", 3, LAYOUT, expert_offset=4)
+    assert (down.kind, down.hf_names) == ("row", ("model.layers.3.mlp.experts.4.down_proj.weight",))
+    router = param_mapping("decoder.layers.3.mlp.router.weight", 3, LAYOUT)
+    assert (router.kind, router.hf_names, router.expert) == ("replicated", ("model.layers.3.mlp.gate.weight",), None)
+    q_norm = param_mapping("decoder.layers.3.self_attention.q_layernorm.weight", 3, LAYOUT)
+    assert q_norm.hf_names == ("model.layers.3.self_attn.q_norm.weight",)
 
 
 def test_tp_rank_reads_only_its_slices():

@@ -1,5 +1,7 @@
 """HF config → megatron TransformerConfig: values carried over, unsupported layouts refused by field."""
 
+import re
+
 import pytest
 from transformers import LlamaConfig, Qwen2Config
 
@@ -48,3 +50,41 @@ def test_padded_vocab_matches_megatron_rule():
 def test_unsupported_layouts_name_the_field(kwargs, tp, pp, field):
     with pytest.raises(ValueError, match=field):
         transformer_config_from_hf(_qwen(**kwargs), tp, pp)
+
+
+def _qwen3_moe(**kwargs):
+    from transformers import Qwen3MoeConfig
+
+    base = dict(vocab_size=100, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=8, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+                norm_topk_prob=True, rope_theta=1e6)
+    base.update(kwargs)
+    return Qwen3MoeConfig(**base)
+
+
+def test_qwen3_moe_values_are_carried_over():
+    config = transformer_config_from_hf(_qwen3_moe(), 1, 1, ep_size=4)
+    assert config.qk_layernorm and not config.add_qkv_bias and config.kv_channels == 16
+    assert (config.num_moe_experts, config.moe_router_topk, config.moe_ffn_hidden_size) == (8, 2, 32)
+    assert config.expert_model_parallel_size == 4 and config.moe_router_dtype == "fp32"
+    # norm_topk_prob: softmax over the chosen experts' logits; without it, the full softmax's weights
+    assert not config.moe_router_pre_softmax
+    assert transformer_config_from_hf(_qwen3_moe(norm_topk_prob=False), 1, 1).moe_router_pre_softmax
+
+
+@pytest.mark.parametrize(
+    "kwargs, layout, field",
+    [
+        ({"decoder_sparse_step": 2}, {}, "decoder_sparse_step"),
+        ({"mlp_only_layers": [0]}, {}, "mlp_only_layers"),
+        ({"use_sliding_window": True, "sliding_window": 16}, {}, "use_sliding_window"),
+        ({}, {"ep_size": 3}, "expert_model_parallel_size=3 must divide num_experts=8"),
+        ({}, {"ep_size": 2, "etp_size": 3}, "expert_tensor_parallel_size=3 must divide moe_intermediate_size=32"),
+        ({}, {"routing_replay": True, "dense": True}, "routing_replay=rollout needs a MoE model"),
+        ({}, {"ep_size": 2, "dense": True}, "expert_model_parallel_size=2 needs a MoE model"),
+    ],
+)
+def test_unrepresentable_moe_configs_name_the_field(kwargs, layout, field):
+    hf_config = _qwen() if layout.pop("dense", False) else _qwen3_moe(**kwargs)
+    with pytest.raises(ValueError, match=re.escape(field)):
+        transformer_config_from_hf(hf_config, 1, 1, **layout)
