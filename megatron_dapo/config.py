@@ -437,6 +437,8 @@ def _coerce(value: object, annotation: object, key: str) -> object:
         origin = typing.get_origin(annotation)
     if origin is Literal:
         choices = typing.get_args(annotation)
+        if value is False and "off" in choices:  # YAML 1.1 reads a bare `off` as false
+            value = "off"
         if value not in choices:
             raise ConfigError(f"config key {key}={value!r} must be one of {list(choices)}")
         return value
