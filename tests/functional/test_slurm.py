@@ -76,9 +76,9 @@ def _sbatch(env: dict, tmp: Path, *args: str, wait: bool = True, extra_env: dict
 
 
 def test_the_32b_template_runs_the_toy_on_a_cpu_slurm(slurm, tmp_path):
-    """The README's command, as written (plus the log and output locations of a test)."""
+    """The README's command, as written (plus the log and output locations of a test, and a shorter warm start)."""
     out = tmp_path / "run"
-    result = _sbatch(slurm, tmp_path, "trainer.max_steps=3", f"trainer.output_dir={out}")
+    result = _sbatch(slurm, tmp_path, "trainer.max_steps=3", *TOY, f"trainer.output_dir={out}")
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = result.stdout.strip().split()[-1]
     assert [row["step"] for row in _rows(out)] == [0, 1, 2, 3]  # step 0: the evaluation before training
