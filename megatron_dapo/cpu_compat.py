@@ -11,6 +11,8 @@ calls to the CPU:
 - ``Tensor.type()`` names CPU tensors as their CUDA twins, for megatron's ``torch.cuda.FloatTensor`` asserts;
 - CUDA streams and events (megatron's all-to-all MoE dispatcher copies its split sizes to the host on a side
   stream) are host objects whose waits return at once: CPU work is already ordered;
+- that dispatcher's all-to-all split sizes: it turns them into numpy arrays only when moving them off a GPU
+  (``moe_utils.maybe_move_tensor_to_cpu``), and gloo's ``all_to_all_single`` refuses tensors as split sizes;
 - activation recompute (``tensor_parallel.checkpoint``) re-runs the forward inside ``backward``, where the mode
   is not active: its backward enters the mode itself (the causal mask is created with ``device="cuda"``).
 
@@ -80,12 +82,18 @@ class _HostStream:
 _DEFAULT_STREAM = _HostStream()
 
 
+def _host_copy(tensor: object, as_numpy: bool = False, record_stream: bool = False) -> object:
+    """``maybe_move_tensor_to_cpu`` for tensors already on the host: numpy when asked, as from a GPU."""
+    return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
+
+
 def install() -> None:
     """Install the CPU redirections; a no-op when CUDA is available or already installed."""
     global _installed
     if _installed or torch.cuda.is_available():
         return
     import megatron.core.tensor_parallel.random as mcore_random
+    import megatron.core.transformer.moe.token_dispatcher as mcore_dispatcher
 
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.device_count = lambda: 0
@@ -98,6 +106,7 @@ def install() -> None:
     torch.cuda.Stream = lambda *a, **k: _HostStream()
     torch.cuda.current_stream = lambda *a, **k: _DEFAULT_STREAM
     torch.cuda.stream = lambda stream: contextlib.nullcontext()
+    mcore_dispatcher.maybe_move_tensor_to_cpu = _host_copy
     mcore_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     torch.Tensor.type = _cpu_type

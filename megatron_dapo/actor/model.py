@@ -139,6 +139,7 @@ def transformer_config_from_hf(
             f"algorithm.routing_replay=rollout needs a MoE model; {hf_config.model_type!r} is dense: set it to off"
         )
     on_gpu = torch.cuda.is_available()
+    _refuse_unbuildable_moe_layout(hf_config, tp_size, sequence_parallel, ep_size, etp_size, on_gpu)
     recompute = {
         "none": {},
         "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
@@ -183,6 +184,27 @@ def transformer_config_from_hf(
         batch_p2p_comm=on_gpu,
         **recompute,
     )
+
+
+def _refuse_unbuildable_moe_layout(
+    hf_config: PretrainedConfig, tp_size: int, sequence_parallel: bool, ep_size: int, etp_size: int | None, on_gpu: bool
+) -> None:
+    """MoE layouts megatron-core 0.16.1 builds but cannot train here, refused before any work: TP without sequence
+    parallelism (``moe_layer.py`` raises in the first training forward), and, on gloo, experts split over ETP
+    under EP (the all-to-all dispatcher all-gathers token sets of different sizes over ETP; gloo's all-gather
+    needs equal ones)."""
+    if not num_experts(hf_config):
+        return
+    if tp_size > 1 and not sequence_parallel:
+        raise ConfigError(
+            f"parallel.tensor_model_parallel_size={tp_size} with a MoE model needs parallel.sequence_parallel=true "
+            "(megatron-core refuses to train MoE layers under TP without it)"
+        )
+    if not on_gpu and ep_size > 1 and (etp_size or tp_size) > 1:
+        raise ConfigError(
+            f"parallel.expert_tensor_parallel_size={etp_size or tp_size} with parallel.expert_model_parallel_size="
+            f"{ep_size} needs NCCL (GPUs); on CPU set parallel.expert_tensor_parallel_size=1"
+        )
 
 
 def _moe_fields(

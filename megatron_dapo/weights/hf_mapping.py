@@ -115,6 +115,12 @@ def param_mapping(
     return ParamMapping(megatron_name, kind, hf_names)
 
 
+def for_expert(mapping: ParamMapping, expert: int) -> ParamMapping:
+    """The same expert parameter of another expert (the one another EP rank holds at this local index)."""
+    old, new = f".mlp.experts.{mapping.expert}.", f".mlp.experts.{expert}."
+    return ParamMapping(mapping.megatron_name, mapping.kind, tuple(n.replace(old, new) for n in mapping.hf_names), expert)
+
+
 class TensorReader(Protocol):
     """Read access to HF tensors by name, a slice at a time (safetensors files, or tensors in memory)."""
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Collection, Iterator, Literal
+from typing import Callable, Collection, Iterator, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -22,8 +22,10 @@ from megatron.core import parallel_state
 from megatron_dapo.errors import ConfigError, NonFiniteWeightsError, different_models
 from megatron_dapo.model_config import ModelLayout
 from megatron_dapo.weights.hf_mapping import (
+    Allocate,
     ParamMapping,
     TensorReader,
+    for_expert,
     hf_to_megatron,
     megatron_to_hf,
     param_mapping,
@@ -124,14 +126,22 @@ def gradients_of(param: torch.nn.Parameter) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Entry:
-    """One Megatron parameter of a stage, its local (TP) shard, and the HF tensors it becomes."""
+    """One Megatron parameter of a stage, its local shard, and the HF tensors it becomes.
+
+    A dense parameter is split over TP; an expert parameter over the expert tensor-and-model-parallel group
+    (EP × ETP): the EP ranks hold different experts at the same local index, so the entry stands for all of
+    them, with one mapping per EP rank (``mappings``, EP-rank order) and their HF tensors in that order."""
 
     stage: int
     index: int  # position among the stage's exported parameters
     specs: tuple[TensorSpec, ...]
-    shard: TensorSpec  # this stage's TP-local tensor (every TP rank's has this shape)
-    tp_sharded: bool
-    mapping: ParamMapping
+    shard: TensorSpec  # this stage's local tensor (every rank of the group has this shape)
+    sharded: bool  # its group has more than one rank holding a part
+    mappings: tuple[ParamMapping, ...]
+
+    @property
+    def expert(self) -> bool:
+        return self.mappings[0].expert is not None
 
 
 def _exported(model: ModelChunks, layout: ModelLayout) -> list[tuple[torch.nn.Parameter, ParamMapping]]:
@@ -143,10 +153,27 @@ def _exported(model: ModelChunks, layout: ModelLayout) -> list[tuple[torch.nn.Pa
     ]
 
 
-def _hf_specs(param: torch.Tensor, mapping: ParamMapping, layout: ModelLayout, dtype: torch.dtype) -> tuple[TensorSpec, ...]:
-    tp_size = parallel_state.get_tensor_model_parallel_world_size() if getattr(param, "tensor_model_parallel", False) else 1
-    meta = [torch.empty(param.shape, device="meta")] * tp_size
-    return tuple(TensorSpec(n, tuple(t.shape), dtype) for n, t in zip(mapping.hf_names, megatron_to_hf(mapping, meta, layout)))
+def _group_mappings(param: torch.Tensor, mapping: ParamMapping, layout: ModelLayout) -> tuple[tuple[ParamMapping, ...], int]:
+    """The mappings the parameter's group holds between them (one per EP rank for an expert) and how many
+    ranks split each of those (TP or ETP; 1 for a replicated parameter)."""
+    if mapping.expert is None:
+        split = getattr(param, "tensor_model_parallel", False)
+        return (mapping,), parallel_state.get_tensor_model_parallel_world_size() if split else 1
+    ep_size = parallel_state.get_expert_model_parallel_world_size()
+    local_experts = layout.num_experts // ep_size
+    local_index = mapping.expert - parallel_state.get_expert_model_parallel_rank() * local_experts
+    mappings = tuple(for_expert(mapping, rank * local_experts + local_index) for rank in range(ep_size))
+    return mappings, parallel_state.get_expert_tensor_parallel_world_size()
+
+
+def _hf_specs(param: torch.Tensor, mappings: tuple[ParamMapping, ...], split: int, layout: ModelLayout,
+              dtype: torch.dtype) -> tuple[TensorSpec, ...]:
+    meta = [torch.empty(param.shape, device="meta")] * split
+    return tuple(
+        TensorSpec(name, tuple(tensor.shape), dtype)
+        for mapping in mappings
+        for name, tensor in zip(mapping.hf_names, megatron_to_hf(mapping, meta, layout))
+    )
 
 
 def hf_plan(
@@ -159,8 +186,9 @@ def hf_plan(
     local = []
     for param, mapping in _exported(model, layout):
         shard = tensor_of(param)
-        local.append((_hf_specs(param, mapping, layout, dtype), TensorSpec(mapping.megatron_name, tuple(shard.shape), shard.dtype),
-                      bool(getattr(param, "tensor_model_parallel", False)), mapping))
+        mappings, split = _group_mappings(param, mapping, layout)
+        local.append((_hf_specs(param, mappings, split, layout, dtype), TensorSpec(mapping.megatron_name, tuple(shard.shape), shard.dtype),
+                      len(mappings) * split > 1, mappings))
     stages = [None] * parallel_state.get_pipeline_model_parallel_world_size()
     dist.all_gather_object(stages, local, group=parallel_state.get_pipeline_model_parallel_group())
     return [
@@ -239,20 +267,55 @@ def stream_hf_buckets(
     return _stream_through_collectives(model, layout, buckets, device, tensor_of, receivers)
 
 
-def _coordinates() -> list[tuple[int, int, int]]:
-    """``(pp, tp, dp)`` of every global rank (collective)."""
+class _Coordinates(NamedTuple):
+    """Where a rank sits in megatron's groups: the dense layout (pp, tp, dp) and the experts' (ep, etp, edp)."""
+
+    pp: int
+    tp: int
+    dp: int
+    ep: int
+    etp: int
+    edp: int
+
+
+def _coordinates() -> list[_Coordinates]:
+    """The coordinates of every global rank (collective)."""
     coords = [None] * dist.get_world_size()
-    mine = (
+    mine = _Coordinates(
         parallel_state.get_pipeline_model_parallel_rank(),
         parallel_state.get_tensor_model_parallel_rank(),
         parallel_state.get_data_parallel_rank(),
+        parallel_state.get_expert_model_parallel_rank(),
+        parallel_state.get_expert_tensor_parallel_rank(),
+        parallel_state.get_expert_data_parallel_rank(),
     )
-    dist.all_gather_object(coords, mine)
-    return coords
+    dist.all_gather_object(coords, tuple(mine))
+    return [_Coordinates(*c) for c in coords]
+
+
+def _shard_group(expert: bool) -> dist.ProcessGroup:
+    """The ranks that split a parameter between them: TP for dense ones, EP × ETP for experts."""
+    if expert:
+        return parallel_state.get_expert_tensor_and_model_parallel_group()
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def _expert_order(group: dist.ProcessGroup, coords: list[_Coordinates]) -> list[int]:
+    """Group ranks of the expert group in (EP rank, ETP rank) order: the order ``_Entry.mappings`` and the merge
+    of each expert's ETP shards expect, whatever order megatron's rank generator gave the group."""
+    members = dist.get_process_group_ranks(group)
+    return sorted(range(len(members)), key=lambda i: (coords[members[i]].ep, coords[members[i]].etp))
+
+
+def _merged(entry: _Entry, shards: list[torch.Tensor], layout: ModelLayout, allocate: Allocate | None) -> Iterator[torch.Tensor]:
+    """The entry's HF tensors from all its shards (for experts: EP-rank-major, ETP-minor order)."""
+    per_mapping = len(shards) // len(entry.mappings)
+    for position, mapping in enumerate(entry.mappings):
+        yield from megatron_to_hf(mapping, shards[position * per_mapping : (position + 1) * per_mapping], layout, allocate)
 
 
 class _Buffers:
-    """The collectives transport's reused buffers: a bucket's full tensors (``out``), the TP exchange
+    """The collectives transport's reused buffers: a bucket's full tensors (``out``), the shard exchange
     (``exchange``) and the mapping's merge scratch (``merge``). Each is valid until the next bucket."""
 
     def __init__(self, device: torch.device) -> None:
@@ -268,18 +331,19 @@ def _buffers_on(device: torch.device) -> _Buffers:
 
 
 def _exchange_shards(
-    local: list[torch.Tensor], sharded: list[int], destinations: set[int], arena: Arena
+    local: list[torch.Tensor], sharded: list[int], destinations: set[int], arena: Arena, group: dist.ProcessGroup
 ) -> dict[int, list[torch.Tensor]]:
-    """For each ``local[i]`` (``i`` in ``sharded``): every TP rank's shard, in TP-rank order, on the TP ranks in
-    ``destinations`` (the other ranks only send and get ``[]``).
+    """For each ``local[i]`` (``i`` in ``sharded``): every ``group`` rank's shard, in group-rank order, on the group
+    ranks in ``destinations`` (the other ranks only send and get ``[]``).
 
-    To every TP rank over NCCL: one ``all_gather_into_tensor`` per dtype of packed shards. Otherwise one
+    To every group rank over NCCL: one ``all_gather_into_tensor`` per dtype of packed shards. Otherwise one
     send/receive pair per shard and peer, straight from the parameters (no packing copy); on gloo these also
     move the bytes 3–4× faster than its all-gather between processes of one host (measured: 150 MB per rank,
     2 ranks, 0.18 s against 0.53–0.65 s).
     """
-    group = parallel_state.get_tensor_model_parallel_group()
     size, rank = dist.get_world_size(group), dist.get_rank(group)
+    if not sharded or not destinations:
+        return {}
     if len(destinations) == size and dist.get_backend(group) == "nccl":
         shards = {}
         for dtype in sorted({local[i].dtype for i in sharded}, key=str):
@@ -308,16 +372,27 @@ def _exchange_shards(
 
 
 def _assemble_stage_bucket(
-    bucket: list[_Entry], exported, layout: ModelLayout, tensor_of, out: Bucket | None, destinations: set[int], buffers: _Buffers
+    bucket: list[_Entry], exported, layout: ModelLayout, tensor_of, out: Bucket | None, assemblers: set[int],
+    coords: list[_Coordinates], buffers: _Buffers,
 ) -> None:
-    """A bucket of this stage as full HF tensors, on the TP ranks in ``destinations``: written into ``out``'s
-    views there (this rank's shards and its TP peers', merged by the mapping — straight into the output where
-    a merge is one output tensor — and cast on the copy); the other TP ranks only send their shards."""
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    """A bucket of this stage as full HF tensors on the ``assemblers`` (global ranks): written into ``out``'s
+    views there (this rank's shards and its group peers', merged by the mapping — straight into the output where
+    a merge is one output tensor — and cast on the copy); the other ranks of the stage only send their shards."""
     local = [tensor_of(exported[entry.index][0]) for entry in bucket]
-    sharded = [i for i, entry in enumerate(bucket) if entry.tp_sharded and tp_size > 1]
-    buffers.exchange.reserve(sum((tp_size + 1) * (local[i].nbytes + Arena.ALIGN) for i in sharded))
-    shards = _exchange_shards(local, sharded, destinations, buffers.exchange)
+    sharded = [i for i, entry in enumerate(bucket) if entry.sharded]
+    if out is not None or dist.get_backend() == "nccl":  # p2p senders need no buffer; NCCL's all-gather does
+        buffers.exchange.reserve(sum((dist.get_world_size(_shard_group(bucket[i].expert)) + 1) * (local[i].nbytes + Arena.ALIGN)
+                                     for i in sharded))
+    shards: dict[int, list[torch.Tensor]] = {}
+    for expert in (False, True):
+        group = _shard_group(expert)
+        destinations = {i for i, rank in enumerate(dist.get_process_group_ranks(group)) if rank in assemblers}
+        exchanged = _exchange_shards(local, [i for i in sharded if bucket[i].expert == expert], destinations,
+                                     buffers.exchange, group)
+        if expert and exchanged and out is not None:
+            order = _expert_order(group, coords)
+            exchanged = {i: [parts[k] for k in order] for i, parts in exchanged.items()}
+        shards.update(exchanged)
     if out is None:
         return
     buffers.merge.reserve(sum(spec.nbytes + Arena.ALIGN for entry in bucket for spec in entry.specs))
@@ -332,28 +407,29 @@ def _assemble_stage_bucket(
                 return pending.pop(0)
             return buffers.merge.allocate(shape, dtype)
 
-        for tensor, view in zip(megatron_to_hf(entry.mapping, shards.get(i, [local[i]]), layout, allocate), entry_views):
+        for tensor, view in zip(_merged(entry, shards.get(i, [local[i]]), layout, allocate), entry_views):
             if tensor.data_ptr() != view.data_ptr():
                 view.copy_(tensor)
 
 
 def _stream_through_collectives(model, layout, buckets, device, tensor_of, receivers) -> Iterator[Bucket]:
-    """Per bucket of stage s: in each data-parallel replica holding receivers, the stage's TP ranks on those
-    receivers' pipeline lines gather the full tensors from their TP peers; each sends them along its line to
-    the receivers at other stages."""
+    """Per bucket of stage s: the stage's ranks on the receivers' pipeline lines (the assemblers) gather the full
+    tensors from their shard groups (TP peers; for experts, the EP × ETP peers, which hold the other experts);
+    each sends them along its line to the receivers at other stages."""
     exported = _exported(model, layout)
     coords = _coordinates()
-    pp_rank, tp_rank, dp_rank = coords[dist.get_rank()]
-    line = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())  # global rank per stage
-    line_receivers = [r for r in receivers if coords[r][1:] == (tp_rank, dp_rank)]
-    destinations = {coords[r][1] for r in receivers if coords[r][2] == dp_rank}  # TP ranks whose line receives
     me = dist.get_rank()
+    pp_rank, tp_rank, dp_rank = coords[me][:3]
+    line = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())  # global rank per stage
+    line_receivers = [r for r in receivers if coords[r][1:3] == (tp_rank, dp_rank)]
+    receiving_lines = {coords[r][1:3] for r in receivers}
+    assemblers = {rank for rank, c in enumerate(coords) if c.pp == pp_rank and (c.tp, c.dp) in receiving_lines}
     buffers = _buffers_on(device)
     for bucket in buckets:
         stage = bucket[0].stage
-        assembles = stage == pp_rank and tp_rank in destinations
-        if stage == pp_rank and destinations and not assembles:
-            _assemble_stage_bucket(bucket, exported, layout, tensor_of, None, destinations, buffers)  # send shards
+        assembles = stage == pp_rank and me in assemblers
+        if stage == pp_rank and not assembles:
+            _assemble_stage_bucket(bucket, exported, layout, tensor_of, None, assemblers, coords, buffers)  # send shards
         if not assembles and me not in receivers:
             continue
         specs = [spec for entry in bucket for spec in entry.specs]
@@ -361,7 +437,7 @@ def _stream_through_collectives(model, layout, buckets, device, tensor_of, recei
         flat_buffers = _flat_buffers(specs, buffers.out)
         out = _unflatten(specs, flat_buffers)
         if assembles:
-            _assemble_stage_bucket(bucket, exported, layout, tensor_of, out, destinations, buffers)
+            _assemble_stage_bucket(bucket, exported, layout, tensor_of, out, assemblers, coords, buffers)
         for receiver in line_receivers:  # along this rank's pipeline line, from the stage's rank
             if coords[receiver][0] == stage:
                 continue
@@ -379,24 +455,29 @@ _ARENA = Arena()
 
 
 def _stream_through_shared_memory(model, layout, buckets, tensor_of, receivers) -> Iterator[Bucket]:
-    """Owners (data-parallel rank 0 of each stage, every TP rank) write their shards of a bucket into their
-    shared region; each receiver merges them into its reused arena and yields views. Two barriers per bucket
-    keep a region from being overwritten while it is read (docs/pitfalls.md, 15: the same rule on CPU)."""
+    """Owners write their shards of a bucket into their shared region — data-parallel rank 0 of each stage and
+    TP rank for dense parameters, expert-data-parallel rank 0 of each stage, EP and ETP rank for experts — and
+    each receiver merges them into its reused arena and yields views. Two barriers per bucket keep a region from
+    being overwritten while it is read (docs/pitfalls.md, 15: the same rule on CPU)."""
     exported = _exported(model, layout)
     coords = _coordinates()
-    pp_rank = coords[dist.get_rank()][0]
-    owner = parallel_state.get_data_parallel_rank() == 0
-    owner_rank = {(pp, tp): rank for rank, (pp, tp, dp) in enumerate(coords) if dp == 0}
-    need = max((sum(e.shard.nbytes for e in bucket) for bucket in buckets if bucket[0].stage == pp_rank), default=0)
-    _REGIONS.publish(need if owner else 0, readers=set(receivers))
+    mine = coords[dist.get_rank()]
+    dense_owner, expert_owner = mine.dp == 0, mine.edp == 0
+    owner_rank = {(c.pp, c.tp): rank for rank, c in enumerate(coords) if c.dp == 0}
+    expert_owner_rank = {(c.pp, c.ep, c.etp): rank for rank, c in enumerate(coords) if c.edp == 0}
+    need = max((sum(e.shard.nbytes for e in bucket) for bucket in buckets if bucket[0].stage == mine.pp), default=0)
+    _REGIONS.publish(need if dense_owner or expert_owner else 0, readers=set(receivers))
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    ep_size = parallel_state.get_expert_model_parallel_world_size()
+    etp_size = parallel_state.get_expert_tensor_parallel_world_size()
     receives = dist.get_rank() in receivers
     for bucket in buckets:
         stage = bucket[0].stage
-        if owner and stage == pp_rank:
+        if stage == mine.pp:
             offset = 0
             for entry in bucket:
-                _REGIONS.view(dist.get_rank(), offset, entry.shard.shape, entry.shard.dtype).copy_(tensor_of(exported[entry.index][0]))
+                if expert_owner if entry.expert else dense_owner:
+                    _REGIONS.view(dist.get_rank(), offset, entry.shard.shape, entry.shard.dtype).copy_(tensor_of(exported[entry.index][0]))
                 offset += entry.shard.nbytes
         dist.barrier()
         if receives:
@@ -404,10 +485,13 @@ def _stream_through_shared_memory(model, layout, buckets, tensor_of, receivers) 
             named: Bucket = []
             offset = 0
             for entry in bucket:
-                ranks = [owner_rank[(stage, tp)] for tp in range(tp_size if entry.tp_sharded else 1)]
+                if entry.expert:
+                    ranks = [expert_owner_rank[(stage, ep, etp)] for ep in range(ep_size) for etp in range(etp_size)]
+                else:
+                    ranks = [owner_rank[(stage, tp)] for tp in range(tp_size if entry.sharded else 1)]
                 shards = [_REGIONS.view(rank, offset, entry.shard.shape, entry.shard.dtype) for rank in ranks]
                 offset += entry.shard.nbytes
-                tensors = megatron_to_hf(entry.mapping, shards, layout, _ARENA.allocate)
+                tensors = _merged(entry, shards, layout, _ARENA.allocate)
                 named += [(spec.name, tensor.to(spec.dtype)) for spec, tensor in zip(entry.specs, tensors)]
             yield named  # views into the regions and the arena: the owners wait below until it is consumed
         dist.barrier()

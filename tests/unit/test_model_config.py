@@ -88,3 +88,10 @@ def test_unrepresentable_moe_configs_name_the_field(kwargs, layout, field):
     hf_config = _qwen() if layout.pop("dense", False) else _qwen3_moe(**kwargs)
     with pytest.raises(ValueError, match=re.escape(field)):
         transformer_config_from_hf(hf_config, 1, 1, **layout)
+
+
+def test_moe_layouts_megatron_cannot_train_here_are_refused():
+    with pytest.raises(ValueError, match="needs parallel.sequence_parallel=true"):
+        transformer_config_from_hf(_qwen3_moe(), 2, 1)
+    with pytest.raises(ValueError, match="on CPU set parallel.expert_tensor_parallel_size=1"):
+        transformer_config_from_hf(_qwen3_moe(), 2, 1, sequence_parallel=True, ep_size=2)
