@@ -12,7 +12,8 @@ def training_samples(group: Group) -> list[TrainingSample]:
     """A scored group's samples with their group-normalised advantages (of the shaped rewards)."""
     advantages = compute_group_advantages(torch.tensor([group.rewards]))[0].tolist()
     return [
-        TrainingSample(group.prompt_ids, sample.token_ids, sample.logprobs, advantage, sample.finish_reason == "length")
+        TrainingSample(group.prompt_ids, sample.token_ids, sample.logprobs, advantage, sample.finish_reason == "length",
+                       sample.routed_experts)
         for sample, advantage in zip(group.samples, advantages)
     ]
 
@@ -41,13 +42,24 @@ def build_training_batch(
     if overlong_filtering:
         loss_mask *= overlong_filter_mask(["length" if s.truncated else "stop" for s in samples]).unsqueeze(1)
     advantages = torch.tensor([s.advantage for s in samples]).reshape(num, 1)
-    return {
+    batch = {
         "input_ids": input_ids,
         "labels": labels,
         "loss_mask": loss_mask,
         "rollout_logprobs": rollout_logprobs,
         "advantages": advantages.expand(num, width).contiguous(),
     }
+    if samples[0].routed_experts is not None:
+        batch["routed_experts"] = _routes_tensor(samples, width)
+    return batch
+
+
+def _routes_tensor(samples: list[TrainingSample], width: int) -> torch.Tensor:
+    _, layers, top_k = samples[0].routed_experts.shape
+    routes = torch.arange(top_k, dtype=torch.int32).expand(len(samples), width, layers, top_k).clone()
+    for row, sample in enumerate(samples):
+        routes[row, : sample.routed_experts.shape[0]] = sample.routed_experts
+    return routes
 
 
 def data_parallel_rows(num_samples: int, mini_batch_size: int, dp_size: int, dp_rank: int) -> list[int]:
@@ -107,10 +119,11 @@ def padding_aware_micro_batches(
 
 
 def _fit_width(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """``[b, s]`` cut, or zero-padded on the right, to ``width`` columns."""
+    """``[b, s, ...]`` cut, or zero-padded on the right, to ``width`` positions."""
     if width <= tensor.shape[1]:
         return tensor[:, :width]
-    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]))
+    padding = tensor.new_zeros(tensor.shape[0], width - tensor.shape[1], *tensor.shape[2:])
+    return torch.cat([tensor, padding], dim=1)
 
 
 def unsort_rows(parts: list[torch.Tensor], order: torch.Tensor, width: int) -> torch.Tensor:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass
 class RolloutSample:
@@ -12,13 +14,16 @@ class RolloutSample:
     ``token_ids``: response tokens (the stop token included when the engine stopped on it);
     ``logprobs``: the engine's log-probability of each of them under the sampling distribution
     (temperature applied; not renormalised over a top-p nucleus); ``finish_reason``: ``"stop"`` or
-    ``"length"`` (``"abort"`` for requests cancelled before they finished).
+    ``"length"`` (``"abort"`` for requests cancelled before they finished). ``routed_experts``: for a MoE
+    model, the experts the engine's router chose for every token it forwarded (the prompt's, then each response
+    token's but the last, which is sampled and never forwarded), per MoE layer; what routing replay replays.
     """
 
     prompt_index: int
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str
+    routed_experts: torch.Tensor | None = None  # MoE: int32 [prompt + response − 1, MoE layers, top-k] (below)
 
 
 @dataclass
@@ -40,3 +45,4 @@ class TrainingSample:
     logprobs: list[float]
     advantage: float
     truncated: bool  # stopped by the length limit: what overlong filtering masks out
+    routed_experts: torch.Tensor | None = None  # the engine's routes (RolloutSample.routed_experts)

@@ -311,6 +311,7 @@ def train_step(job: Job, step: int) -> dict[str, float]:
         rollout_logprobs, mask = batch.pop("rollout_logprobs"), batch["loss_mask"]
         with timed(metrics, "old_logprob"):
             old_logprobs, entropy = actor.compute_logprobs(batch, ro.temperature)
+            metrics.update(actor.routing_metrics)
             if alg.kl_coef > 0:
                 batch["ref_logprobs"], _ = actor.compute_logprobs(batch, ro.temperature, use_reference=True)
         batch["old_logprobs"] = old_logprobs

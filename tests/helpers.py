@@ -154,7 +154,8 @@ def build_actor(config, hf_dir, total_steps: int = 1):
     from megatron_dapo.actor.actor import MegatronActor
 
     return MegatronActor(
-        str(hf_dir), config.model, config.parallel, config.optimizer, config.policy_loss(), total_steps=total_steps
+        str(hf_dir), config.model, config.parallel, config.optimizer, config.policy_loss(), total_steps=total_steps,
+        moe_aux_loss_coef=config.algorithm.moe_aux_loss_coef, routing_replay=config.algorithm.routing_replay == "rollout",
     )
 
 

@@ -31,6 +31,7 @@ from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from transformers import AutoConfig
 
 from megatron_dapo.actor.host_offload import HostOffload, lasting_tensors
+from megatron_dapo.actor.routing import MoeRouting
 from megatron_dapo.actor.model import build_gpt_model, transformer_config_from_hf, transformer_engine_available
 from megatron_dapo.algorithm import PolicyLossConfig
 from megatron_dapo.batch import padding_aware_micro_batches, unsort_rows
@@ -152,6 +153,16 @@ class MegatronActor:
                 self.model_chunks,
             )
             self.ref_chunks = [c.eval() for c in self._build_and_load(hf_dir)] if loss.kl_coef > 0 else None
+        if routing_replay and par.recompute_granularity == "full":
+            raise ConfigError(
+                "algorithm.routing_replay=rollout with parallel.recompute_granularity=full: the recomputed forward "
+                "would route on its own; use recompute_granularity none or selective"
+            )
+        self.routing = (
+            MoeRouting(self.model_chunks, self.layout.num_experts, self.hf_config.num_experts_per_tok, routing_replay)
+            if self.layout.num_experts else None
+        )
+        self.routing_metrics: dict[str, float] = {}  # of the last π_old forward (moe/*)
         self.transformer_config.finalize_model_grads_func = finalize_model_grads
         no_sync = [chunk.no_sync for chunk in self.model_chunks]
         self.transformer_config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
@@ -306,9 +317,16 @@ class MegatronActor:
         """Megatron's forward/backward schedule (1F1B under PP, interleaved with model chunks) over ``micro``;
         the last stage's loss outputs."""
 
+        routing = self.routing if chunks is self.model_chunks else None  # the reference model routes on its own
+
         def forward_step(data_iterator: Iterator[Batch], model_chunk: torch.nn.Module):
             micro_batch = next(data_iterator)
-            return self._forward(model_chunk, micro_batch), partial(loss_func, model_chunk, micro_batch)
+            if routing is not None:
+                routing.before_forward(model_chunk, micro_batch)
+            output = self._forward(model_chunk, micro_batch)
+            if routing is not None:
+                routing.after_forward(model_chunk, micro_batch)
+            return output, partial(loss_func, model_chunk, micro_batch)
 
         return get_forward_backward_func()(
             forward_step_func=forward_step,
@@ -334,8 +352,12 @@ class MegatronActor:
         chunks = self.ref_chunks if use_reference else self.model_chunks
         for chunk in chunks:
             chunk.eval()
-        micro, order = self._micro_batches({k: batch[k] for k in ("input_ids", "labels", "loss_mask")})
+        micro, order = self._micro_batches({k: batch[k] for k in ("input_ids", "labels", "loss_mask", "routed_experts") if k in batch})
+        if self.routing is not None and not use_reference:
+            self.routing.begin(collect_stats=True, device=batch["input_ids"].device)
         outputs = self._run_schedule(chunks, micro, partial(self._logprob_loss_func, temperature=temperature), True)
+        if self.routing is not None and not use_reference:
+            self.routing_metrics = self.routing.end()
         width = batch["input_ids"].shape[1]
         shape = (len(order), width)
         if parallel_state.is_pipeline_last_stage():
@@ -376,7 +398,11 @@ class MegatronActor:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         micro, _ = self._micro_batches(batch)
+        if self.routing is not None:
+            self.routing.begin(collect_stats=False, device=batch["input_ids"].device)
         outputs = self._run_schedule(self.model_chunks, micro, self._policy_loss_func, False)
+        if self.routing is not None:
+            self.routing.end()
         sums = metric_sums(outputs if parallel_state.is_pipeline_last_stage() else [], batch["input_ids"].device)
         # Sum over DP ranks (and bring the last stage's values to every rank of the pipeline).
         dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())

@@ -319,22 +319,23 @@ class JobRollout:
         return [by_row[row] for row in mine]
 
     def _exchange(self, outgoing: dict[int, list[TrainingSample]], incoming: dict[int, list[int]]) -> dict[int, TrainingSample]:
-        """Point-to-point: per-sample lengths first, then token ids, log-probs and advantages, as tensors."""
+        """Point-to-point: per-sample lengths first, then token ids, log-probs, advantages and (MoE) the engine's
+        routes, as tensors."""
         requests, headers = [], {}
         packed = {dst: _pack(samples) for dst, samples in outgoing.items()}
         for dst, (lengths, *_) in packed.items():
             requests.append(dist.isend(lengths, dst, group=self.control))
         for src, rows in incoming.items():
-            headers[src] = torch.empty(len(rows), 3, dtype=torch.long)
+            headers[src] = torch.empty(len(rows), 5, dtype=torch.long)
             requests.append(dist.irecv(headers[src], src, group=self.control))
         for request in requests:
             request.wait()
         requests, bodies = [], {}
         for dst, (_, *tensors) in packed.items():
-            requests += [dist.isend(tensor, dst, group=self.control) for tensor in tensors]
+            requests += [dist.isend(tensor, dst, group=self.control) for tensor in tensors if tensor.numel()]
         for src, lengths in headers.items():
             bodies[src] = _empty_body(lengths)
-            requests += [dist.irecv(tensor, src, group=self.control) for tensor in bodies[src]]
+            requests += [dist.irecv(tensor, src, group=self.control) for tensor in bodies[src] if tensor.numel()]
         for request in requests:
             request.wait()
         return {row: sample for src, rows in incoming.items() for row, sample in zip(rows, _unpack(headers[src], *bodies[src]))}
@@ -357,28 +358,44 @@ class JobRollout:
         return [merged[i] for i in range(len(records))]
 
 
-def _pack(samples: list[TrainingSample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([[len(s.prompt_ids), len(s.token_ids), int(s.truncated)] for s in samples], dtype=torch.long)
+def _pack(samples: list[TrainingSample]) -> tuple[torch.Tensor, ...]:
+    """Header ``[prompt, response, truncated, MoE layers, top-k]`` per sample (0, 0 without routes), then bodies."""
+    shapes = [s.routed_experts.shape[1:] if s.routed_experts is not None else (0, 0) for s in samples]
+    lengths = torch.tensor([[len(s.prompt_ids), len(s.token_ids), int(s.truncated), *shape] for s, shape in zip(samples, shapes)],
+                           dtype=torch.long)
     tokens = torch.tensor([t for s in samples for t in s.prompt_ids + s.token_ids], dtype=torch.long)
     logprobs = torch.tensor([lp for s in samples for lp in s.logprobs], dtype=torch.float32)
     advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
-    return lengths, tokens, logprobs, advantages
+    routes = [s.routed_experts.reshape(-1) for s in samples if s.routed_experts is not None]
+    return lengths, tokens, logprobs, advantages, torch.cat(routes) if routes else torch.empty(0, dtype=torch.int32)
 
 
-def _empty_body(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _route_counts(lengths: torch.Tensor) -> list[int]:
+    """Each sample's number of route entries: forwarded tokens (prompt + response − 1) × layers × top-k."""
+    return [(p + r - 1) * layers * k for p, r, _, layers, k in lengths.tolist()]
+
+
+def _empty_body(lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return (
         torch.empty(int(lengths[:, :2].sum()), dtype=torch.long),
         torch.empty(int(lengths[:, 1].sum()), dtype=torch.float32),
         torch.empty(len(lengths), dtype=torch.float32),
+        torch.empty(sum(_route_counts(lengths)), dtype=torch.int32),
     )
 
 
-def _unpack(lengths: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor, advantages: torch.Tensor) -> list[TrainingSample]:
-    samples, token_start, logprob_start = [], 0, 0
-    for (prompt_len, response_len, truncated), advantage in zip(lengths.tolist(), advantages.tolist()):
+def _unpack(lengths: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor, advantages: torch.Tensor,
+            routes: torch.Tensor) -> list[TrainingSample]:
+    samples, token_start, logprob_start, route_start = [], 0, 0, 0
+    for (prompt_len, response_len, truncated, layers, top_k), advantage, count in zip(
+        lengths.tolist(), advantages.tolist(), _route_counts(lengths)
+    ):
         ids = tokens[token_start : token_start + prompt_len + response_len].tolist()
+        sample_routes = routes[route_start : route_start + count].view(-1, layers, top_k) if layers else None
         samples.append(TrainingSample(ids[:prompt_len], ids[prompt_len:],
-                                      logprobs[logprob_start : logprob_start + response_len].tolist(), advantage, bool(truncated)))
+                                      logprobs[logprob_start : logprob_start + response_len].tolist(), advantage,
+                                      bool(truncated), sample_routes))
         token_start += prompt_len + response_len
         logprob_start += response_len
+        route_start += count
     return samples

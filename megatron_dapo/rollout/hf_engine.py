@@ -67,6 +67,30 @@ def _checkpoint_views(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     return views
 
 
+class _RouteRecorder:
+    """Collects each router call's top-k experts ``[rows × positions, k]`` during one ``generate``."""
+
+    def __init__(self, routers: list[torch.nn.Module], rows: int) -> None:
+        self.rows, self.calls = rows, [[] for _ in routers]
+        self.handles = [router.register_forward_hook(self._hook(i)) for i, router in enumerate(routers)]
+
+    def _hook(self, layer: int):
+        def record(module, inputs, output) -> None:
+            indices = output[2]  # transformers' TopKRouter returns (logits, weights, indices)
+            self.calls[layer].append(indices.view(self.rows, -1, indices.shape[-1]).to(torch.int32))
+        return record
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def routes(self) -> torch.Tensor | None:
+        """``[rows, positions forwarded, layers, k]``: the prefill's positions, then one per decode step."""
+        if not self.calls:
+            return None
+        return torch.stack([torch.cat(calls, dim=1) for calls in self.calls], dim=2)
+
+
 class HFRolloutEngine(RolloutEngine):
     """Rollout engine over an in-process ``transformers`` model (fp32, CPU)."""
 
@@ -81,6 +105,8 @@ class HFRolloutEngine(RolloutEngine):
         self.eos_token_id = eos_token_id
         self.queued: list[GroupRequest] = []
         self._params = _checkpoint_views(self.model)
+        # MoE: the routers, in layer order, whose choices every sample returns (routing replay and its metrics)
+        self._routers = [m for m in self.model.modules() if type(m).__name__.endswith("TopKRouter")]
 
     @classmethod
     def from_pretrained(cls, hf_dir: str, pad_token_id: int, eos_token_id: int) -> "HFRolloutEngine":
@@ -117,7 +143,33 @@ class HFRolloutEngine(RolloutEngine):
         width = max(map(len, rows))
         input_ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + list(p) for p in rows])
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
-        output = self.model.generate(
+        recorder = _RouteRecorder(self._routers, len(rows))
+        try:
+            output = self._sample(requests, input_ids, attention_mask)
+        finally:
+            recorder.remove()
+        routes = recorder.routes()
+        new_tokens = output.sequences[:, width:]
+        step_logprobs = torch.stack([torch.log_softmax(s.float() / first.temperature, dim=-1) for s in output.logits], dim=1)
+        token_logprobs = step_logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        samples = []
+        for row, (tokens, logprobs) in enumerate(zip(new_tokens.tolist(), token_logprobs.tolist())):
+            if self.eos_token_id in tokens:
+                length, reason = tokens.index(self.eos_token_id) + 1, "stop"
+            else:
+                length, reason = len(tokens), "length"
+            # forwarded: the prompt (after the left padding) and every response token but the last
+            row_routes = routes[row, width - len(rows[row]) : width + length - 1].clone() if routes is not None else None
+            samples.append((tokens[:length], logprobs[:length], reason, row_routes))
+        results, start = {}, 0
+        for request in requests:
+            results[request.key] = [RolloutSample(request.key, *sample) for sample in samples[start : start + request.n]]
+            start += request.n
+        return results
+
+    def _sample(self, requests: list[GroupRequest], input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        first = requests[0]
+        return self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             do_sample=False,  # the processor's perturbed scores make greedy search sample
@@ -128,21 +180,6 @@ class HFRolloutEngine(RolloutEngine):
             output_logits=True,  # the model's raw logits, before temperature and top-p
             return_dict_in_generate=True,
         )
-        new_tokens = output.sequences[:, width:]
-        step_logprobs = torch.stack([torch.log_softmax(s.float() / first.temperature, dim=-1) for s in output.logits], dim=1)
-        token_logprobs = step_logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
-        samples = []
-        for tokens, logprobs in zip(new_tokens.tolist(), token_logprobs.tolist()):
-            if self.eos_token_id in tokens:
-                length, reason = tokens.index(self.eos_token_id) + 1, "stop"
-            else:
-                length, reason = len(tokens), "length"
-            samples.append((tokens[:length], logprobs[:length], reason))
-        results, start = {}, 0
-        for request in requests:
-            results[request.key] = [RolloutSample(request.key, *sample) for sample in samples[start : start + request.n]]
-            start += request.n
-        return results
 
     # ------------------------------------------------------------------ weights
     # (the bucket names are HF checkpoint names: see _checkpoint_views)
