@@ -13,7 +13,7 @@ from megatron_dapo.config import DapoConfig, config_to_dict
 from megatron_dapo.data import PromptRecord, find_duplicates, load_prompt_files, write_toy_dataset
 from megatron_dapo.distributed import is_rank_zero, run_on_rank_zero
 from megatron_dapo.errors import ConfigError
-from megatron_dapo.model_config import validate_hf_config
+from megatron_dapo.model_config import check_routing_replay, validate_hf_config
 from megatron_dapo.rollout.collect import encode_prompt
 from megatron_dapo.toy import build_toy_checkpoint, build_toy_tokenizer, toy_hf_config
 
@@ -53,6 +53,7 @@ def check_model_fits_layout(config: DapoConfig) -> None:
         par.expert_model_parallel_size,
         par.expert_tensor_parallel_size,
     )
+    check_routing_replay(hf_config, config.algorithm.routing_replay == "rollout")
     max_prompt, max_response = config.data.max_prompt_length, config.rollout.max_response_length
     if max_prompt is not None and max_prompt + max_response > hf_config.max_position_embeddings:
         raise ConfigError(

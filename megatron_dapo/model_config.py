@@ -155,6 +155,14 @@ def validate_hf_config(
         raise ConfigError(f"model config field 'rms_norm_eps' is {eps!r}; expected a small positive number (Qwen2.5-32B: 1e-05)")
 
 
+def check_routing_replay(hf_config: PretrainedConfig, routing_replay: bool) -> None:
+    """Routing replay replays experts: a dense model has none."""
+    if routing_replay and not num_experts(hf_config):
+        raise ConfigError(
+            f"algorithm.routing_replay=rollout needs a MoE model; {hf_config.model_type!r} is dense: set it to off"
+        )
+
+
 IDENTITY_FIELDS = (
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings",

@@ -86,7 +86,8 @@ class Job:
             config, lambda: stop_requests.stop_if_signalled("the toy warm start")
         )
         self.tokenizer = load_tokenizer(self.hf_dir)
-        max_positions = model_hf_config(config).max_position_embeddings
+        hf_config = model_hf_config(config)
+        max_positions = hf_config.max_position_embeddings
         self.train_records, dropped_train = fit_prompts(
             load_prompts(train_files, config.data.deduplicate), self.tokenizer, config, max_positions, "data.train_files"
         )
@@ -104,6 +105,8 @@ class Job:
         self.engine = build_rollout_engine(
             ro, self.placement, self.hf_dir, self.tokenizer, config.trainer.seed, weights_by_sync=True,
             timeout_minutes=config.trainer.distributed_timeout_minutes,
+            route_shape=(hf_config.num_hidden_layers, hf_config.num_experts_per_tok)
+            if alg.routing_replay == "rollout" else None,
         )
         self.engine_dtype = engine_class(ro).weight_dtype
         self.release_engine()

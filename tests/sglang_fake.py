@@ -24,6 +24,11 @@ real engine that the adapter depends on, each mirrored from the sglang 0.5.23 so
   process's environment what the real constructor writes there for the adapter's arguments, in the source's
   order (``engine_environment_writes``), then starts, or fails as a scheduler that dies during start-up does
   (``srt/entrypoints/engine.py:2002-2010``), or takes as long as it is told to;
+- routed experts (routing replay): a request asking ``return_routed_experts`` gets ``meta_info["routed_experts"]``,
+  base64 of int32 ``[prompt + output − 1, layers, top-k]`` ids, only when the engine was started with
+  ``enable_return_routed_experts``; otherwise nothing, silently, as the real one has no capturer then
+  (``srt/managers/scheduler_components/batch_result_processor.py:_maybe_collect_routed_experts``,
+  ``srt/managers/tokenizer_manager.py:2602-2609``); ``routes(ids)`` scripts them;
 - ``serialize`` is ``MultiprocessingSerializer.serialize`` (base64 only with ``output_str=True``); the
   in-process engine takes ``flattened_bucket`` payloads as base64 strings or raw pickle bytes and decodes the
   former (``srt/entrypoints/engine.py:1743-1754``, ``srt/utils/common.py:3060-3126``).
@@ -42,6 +47,7 @@ from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from typing import Callable
 
+import numpy as np
 import torch
 
 TAGS = ("kv_cache", "weights", "cuda_graph")  # srt/constants.py:2-9
@@ -90,12 +96,13 @@ def fake_engine_class(weight_shapes: dict[str, tuple[int, ...]], fail: bool = Fa
     (``fail``: the start-up error of a scheduler killed while loading; ``start_seconds``: a slow start)."""
 
     def engine(*, model_path: str, tp_size: int = 1, enable_deterministic_inference: bool = False,
-               nccl_port: int | None = None, **server_args) -> FakeSGLangEngine:
+               nccl_port: int | None = None, enable_return_routed_experts: bool = False, **server_args) -> FakeSGLangEngine:
         engine_environment_writes(tp_size, enable_deterministic_inference)
         time.sleep(start_seconds)  # waiting for the schedulers (srt/entrypoints/engine.py:2013-2040)
         if fail:
             raise RuntimeError(SCHEDULER_DIED)
-        fake = FakeSGLangEngine(tp_size, weight_shapes, deterministic=enable_deterministic_inference)
+        fake = FakeSGLangEngine(tp_size, weight_shapes, deterministic=enable_deterministic_inference,
+                                enable_return_routed_experts=enable_return_routed_experts)
         fake.server_args = dict(server_args, model_path=model_path, tp_size=tp_size, nccl_port=nccl_port,
                                 enable_deterministic_inference=enable_deterministic_inference)
         return fake
@@ -190,7 +197,8 @@ class FakeSGLangEngine:
 
     def __init__(self, tp_size: int, weight_shapes: dict[str, tuple[int, ...]], group_ranks: list[int] | None = None,
                  eos_token_ids: tuple[int, ...] = (1,), script: Callable[[list[int], dict], list[int]] | None = None,
-                 deterministic: bool = True, delay: Callable[[list[int]], float] = lambda ids: 0.0):
+                 deterministic: bool = True, delay: Callable[[list[int]], float] = lambda ids: 0.0,
+                 enable_return_routed_experts: bool = False, route_shape: tuple[int, int] = (2, 2)):
         self.tp_size = tp_size
         self.group_ranks = group_ranks or list(range(tp_size))  # the rank whose GPU each TP rank runs on
         self.weight_shapes = weight_shapes
@@ -203,6 +211,7 @@ class FakeSGLangEngine:
         self.in_flight = 0
         self.weight_version = "default"
         self.deterministic, self.delay = deterministic, delay
+        self.enable_return_routed_experts, self.route_shape = enable_return_routed_experts, route_shape
         self.ignored_seeds = 0
         self.abort_epoch = 0
         self.tokenizer_manager = _FakeTokenizerManager(self)
@@ -273,11 +282,11 @@ class FakeSGLangEngine:
             self.offload_tags.remove(tag)
 
     # ------------------------------------------------------------------ generation
-    def generate(self, input_ids, sampling_params, return_logprob=False, rid=None):
+    def generate(self, input_ids, sampling_params, return_logprob=False, rid=None, return_routed_experts=False):
         self.calls.append(("generate", [list(ids) for ids in input_ids], sampling_params, return_logprob))
-        return self._outputs(input_ids, sampling_params, return_logprob)
+        return self._outputs(input_ids, sampling_params, return_logprob, return_routed_experts)
 
-    async def async_generate(self, input_ids, sampling_params, return_logprob=False, rid=None):
+    async def async_generate(self, input_ids, sampling_params, return_logprob=False, rid=None, return_routed_experts=False):
         self.calls.append(("async_generate", [list(ids) for ids in input_ids], sampling_params, return_logprob, rid))
         self.in_flight += 1
         started_in = self.abort_epoch
@@ -286,9 +295,15 @@ class FakeSGLangEngine:
             return [{"output_ids": [], "meta_info": {"finish_reason": {"type": "abort", "message": "Aborted"},
                                                      "output_token_logprobs": []}} for _ in input_ids]
         self.in_flight = max(self.in_flight - 1, 0)
-        return self._outputs(input_ids, sampling_params, return_logprob)
+        return self._outputs(input_ids, sampling_params, return_logprob, return_routed_experts)
 
-    def _outputs(self, input_ids, sampling_params, return_logprob):
+    @staticmethod
+    def routes(ids: list[int], layers: int, top_k: int) -> np.ndarray:
+        """The scripted experts of the forwarded tokens ``ids``: token t, layer l, slot j → (t + l + j) mod 8."""
+        t, layer, slot = np.meshgrid(np.array(ids), np.arange(layers), np.arange(top_k), indexing="ij")
+        return ((t + layer + slot) % 8).astype(np.int32)
+
+    def _outputs(self, input_ids, sampling_params, return_logprob, return_routed_experts=False):
         if self.offload_tags:
             raise SchedulerDied(f"generation with released memory {sorted(self.offload_tags)}")
         params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(input_ids)
@@ -309,6 +324,9 @@ class FakeSGLangEngine:
                     "completion_tokens": len(tokens), "weight_version": self.weight_version}
             if return_logprob:
                 meta["output_token_logprobs"] = [(-0.25, token, None) for token in tokens]
+            if return_routed_experts and self.enable_return_routed_experts:
+                forwarded = (list(ids) + tokens)[:-1]
+                meta["routed_experts"] = base64.b64encode(self.routes(forwarded, *self.route_shape).tobytes()).decode()
             outputs.append({"output_ids": tokens, "meta_info": meta})
         return outputs
 

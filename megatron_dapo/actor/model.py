@@ -17,6 +17,7 @@ from transformers import PretrainedConfig
 
 from megatron_dapo.errors import ConfigError
 from megatron_dapo.model_config import (
+    check_routing_replay,
     has_qk_norm,
     has_qkv_bias,
     head_dim,
@@ -134,10 +135,7 @@ def transformer_config_from_hf(
     """
     vpp_size = vpp_size if vpp_size and vpp_size > 1 else None
     validate_hf_config(hf_config, tp_size, pp_size, vpp_size, ep_size, etp_size)
-    if routing_replay and not num_experts(hf_config):
-        raise ConfigError(
-            f"algorithm.routing_replay=rollout needs a MoE model; {hf_config.model_type!r} is dense: set it to off"
-        )
+    check_routing_replay(hf_config, routing_replay)
     on_gpu = torch.cuda.is_available()
     _refuse_unbuildable_moe_layout(hf_config, tp_size, sequence_parallel, ep_size, etp_size, on_gpu)
     recompute = {

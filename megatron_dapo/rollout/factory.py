@@ -61,6 +61,7 @@ def build_rollout_engine(
     seed: int,
     weights_by_sync: bool,
     timeout_minutes: int = 30,
+    route_shape: tuple[int, int] | None = None,
 ) -> RolloutEngine | None:
     """This rank's part of its engine (``None`` on the CPU engine's other ranks); collective, and a failure on
     one rank ends every rank with its error.
@@ -68,7 +69,9 @@ def build_rollout_engine(
     ``weights_by_sync``: the weights arrive by a sync (the trainer's, before its first generation), so nothing
     is read from the folder but its config and tokenizer (SGLang: ``load_format="dummy"``). Otherwise
     (``megatron-dapo eval``) the engine serves the folder's weights. ``timeout_minutes``
-    (``trainer.distributed_timeout_minutes``): the engines' process groups', like the job's.
+    (``trainer.distributed_timeout_minutes``): the engines' process groups', like the job's. ``route_shape``
+    (``(MoE layers, top-k)``, routing replay): SGLang captures and returns every token's experts; the CPU
+    engine returns them for any MoE model.
     """
     if rollout.engine == "sglang":
         if not torch.cuda.is_available():
@@ -84,6 +87,7 @@ def build_rollout_engine(
             hf_dir, ranks, groups[engine], rollout.sglang_mem_fraction, seed, [tokenizer.eos_token_id],
             rollout.sglang_deterministic, "dummy" if weights_by_sync else "auto",
             start_timeout_s=rollout.engine_start_timeout_s, idle_timeout_s=rollout.engine_idle_timeout_s,
+            route_shape=route_shape,
         ))
     build = HFRolloutEngine.from_config if weights_by_sync else HFRolloutEngine.from_pretrained
     return run_on_ranks(placement.hosts, lambda: build(hf_dir, tokenizer.pad_token_id, tokenizer.eos_token_id))

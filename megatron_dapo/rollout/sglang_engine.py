@@ -57,11 +57,13 @@ over its own GPU's copy of the weights. Rules followed:
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import signal
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -138,6 +140,33 @@ def _check(result: tuple[bool, str], request: str) -> None:
         raise SGLangError(f"SGLang refused {request}: {message}")
 
 
+def decode_routed_experts(meta: dict, forwarded: int, route_shape: tuple[int, int]) -> torch.Tensor:
+    """``meta_info["routed_experts"]`` as int32 ``[forwarded tokens, layers, top-k]``.
+
+    SGLang 0.5.23 returns, per request asking ``return_routed_experts``, the experts of positions
+    ``[routed_experts_start_len, seqlen − 1)`` (start 0: the whole prompt, prefix-cache hits included; the last
+    sampled token is never forwarded) as base64 of a flat int32 array, encoded by the tokenizer manager when
+    ``skip_tokenizer_init`` bypasses the detokenizer (``srt/managers/scheduler_components/
+    batch_result_processor.py:_maybe_collect_routed_experts``, ``srt/managers/tokenizer_manager.py:2602-2609``,
+    ``srt/state_capturer/routed_experts.py:extract_routed_experts_from_meta_info``). A server started without
+    ``enable_return_routed_experts`` has no capturer and silently returns nothing: refused here.
+    """
+    encoded = meta.get("routed_experts")
+    if encoded is None:
+        raise SGLangError(
+            "SGLang returned no routed experts (meta_info['routed_experts']): the engine was not started with "
+            "enable_return_routed_experts; algorithm.routing_replay=rollout needs it"
+        )
+    flat = torch.from_numpy(np.frombuffer(base64.b64decode(encoded), dtype=np.int32).copy())
+    layers, top_k = route_shape
+    if flat.numel() != forwarded * layers * top_k:
+        raise SGLangError(
+            f"SGLang returned {flat.numel()} routed-expert ids; {forwarded} forwarded tokens × {layers} layers × "
+            f"top-{top_k} = {forwarded * layers * top_k} expected"
+        )
+    return flat.view(forwarded, layers, top_k)
+
+
 class SGLangRolloutEngine(RolloutEngine):
     """This rank's part of a colocated SGLang engine: the engine itself on the group's first rank."""
 
@@ -153,6 +182,7 @@ class SGLangRolloutEngine(RolloutEngine):
         serialize: Callable[[Bucket], object] = serialize_flattened_bucket,
         ipc_collect: Callable[[], None] = _ipc_collect,
         idle_timeout_s: float = 600.0,
+        route_shape: tuple[int, int] | None = None,
     ) -> None:
         self.engine = engine  # sglang.Engine on the group's first rank, None on its other ranks
         self.group_ranks = group_ranks
@@ -160,11 +190,13 @@ class SGLangRolloutEngine(RolloutEngine):
         self.stop_token_ids = list(stop_token_ids)
         self.seeded = seeded
         self.in_flight: dict[asyncio.Task, int] = {}  # group requests by their task on the engine's loop
+        self.prompt_lengths: dict[int, int] = {}  # of the groups in flight (the routed experts cover the prompt)
         self.serialize = serialize
         self.ipc_collect = ipc_collect
         self.released: set[str] = set()
         self.weight_version = 0
         self.idle_timeout_s = idle_timeout_s
+        self.route_shape = route_shape  # (MoE layers, top-k): every request returns its routed experts
 
     @classmethod
     def launch(
@@ -180,11 +212,15 @@ class SGLangRolloutEngine(RolloutEngine):
         *,
         start_timeout_s: float,
         idle_timeout_s: float,
+        route_shape: tuple[int, int] | None = None,
     ) -> "SGLangRolloutEngine":
         """Start the group's engine on its GPUs (host rank only; not collective: ``run_on_ranks`` around it
         shares a failure); ``load_format``: ``dummy`` when the weights arrive by sync, ``auto`` to load the
         folder's. ``start_timeout_s``, ``idle_timeout_s``: ``rollout.engine_start_timeout_s``,
         ``rollout.engine_idle_timeout_s``.
+
+        ``route_shape`` (routing replay): ``(MoE layers, top-k)``; the server captures every token's experts
+        (``enable_return_routed_experts``) and each request asks for them.
 
         ``seeded``: per-request ``sampling_seed`` (results independent of the engine count). SGLang honours it
         only in deterministic-inference mode: batch-invariant kernels, its PyTorch sampling backend instead of
@@ -211,8 +247,10 @@ class SGLangRolloutEngine(RolloutEngine):
                     random_seed=seed,
                     skip_tokenizer_init=True,
                     enable_deterministic_inference=seeded,
+                    enable_return_routed_experts=route_shape is not None,
                 )
-        return cls(engine, group_ranks, group, stop_token_ids, seeded, idle_timeout_s=idle_timeout_s)
+        return cls(engine, group_ranks, group, stop_token_ids, seeded, idle_timeout_s=idle_timeout_s,
+                   route_shape=route_shape)
 
     @property
     def is_host(self) -> bool:
@@ -239,8 +277,10 @@ class SGLangRolloutEngine(RolloutEngine):
                 sampling_params=[self._sampling_params(request, j) for j in range(request.n)],
                 return_logprob=True,
                 rid=[f"g{request.key:09d}s{j:05d}" for j in range(request.n)],  # fixed width: abort matches by prefix
+                **({"return_routed_experts": True} if self.route_shape else {}),
             )
             self.in_flight[self.engine.loop.create_task(coroutine)] = request.key
+            self.prompt_lengths[request.key] = len(request.prompt_ids)
 
     def collect(self) -> dict[int, list[RolloutSample]]:
         """Groups completed so far; waits for the first one if none has."""
@@ -252,7 +292,8 @@ class SGLangRolloutEngine(RolloutEngine):
         results = {}
         for task in done:
             key = self.in_flight.pop(task)
-            results[key] = [self._sample(key, output) for output in task.result()]
+            prompt_length = self.prompt_lengths.pop(key)
+            results[key] = [self._sample(key, output, prompt_length, self.route_shape) for output in task.result()]
         return results
 
     def abort(self) -> int:
@@ -263,16 +304,20 @@ class SGLangRolloutEngine(RolloutEngine):
         self.engine.loop.run_until_complete(asyncio.wait(list(self.in_flight)))
         aborted = len(self.in_flight)
         self.in_flight.clear()
+        self.prompt_lengths.clear()
         return aborted
 
     @staticmethod
-    def _sample(key: int, output: dict) -> RolloutSample:
+    def _sample(key: int, output: dict, prompt_length: int, route_shape: tuple[int, int] | None) -> RolloutSample:
         meta = output["meta_info"]
         reason = meta["finish_reason"]["type"]
         if reason not in ("stop", "length", "abort"):
             raise SGLangError(f"SGLang returned finish_reason {meta['finish_reason']!r}")
         logprobs = [entry[0] for entry in meta["output_token_logprobs"]]
-        return RolloutSample(key, list(output["output_ids"]), logprobs, reason)
+        routes = None
+        if route_shape is not None and reason != "abort":
+            routes = decode_routed_experts(meta, prompt_length + len(output["output_ids"]) - 1, route_shape)
+        return RolloutSample(key, list(output["output_ids"]), logprobs, reason, routes)
 
     # ------------------------------------------------------------------ weights (every rank of the group)
     def update_weights(self, buckets: Iterable[Bucket]) -> None:

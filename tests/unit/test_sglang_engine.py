@@ -250,3 +250,30 @@ def _two_rank_group(rank: int, init_file: str, fail: bool) -> None:
 @pytest.mark.parametrize("fail", [False, True], ids=["loads", "refusal-reaches-every-rank"])
 def test_every_rank_of_the_group_hands_over_its_own_copy(tmp_path, fail):
     mp.spawn(_two_rank_group, args=(str(tmp_path / "rendezvous"), fail), nprocs=2, join=True)
+
+
+# ---------------------------------------------------------------- routed experts (routing replay) against the FAKE
+def test_routed_experts_are_requested_and_decoded_per_forwarded_token():
+    """A FAKE engine started with enable_return_routed_experts returns base64 int32 routes of the prompt and every
+    output token but the last; the adapter decodes them to [forwarded, layers, k] equal to the fake's script."""
+    engine = FakeSGLangEngine(tp_size=1, weight_shapes=SHAPES, enable_return_routed_experts=True, route_shape=(3, 2))
+    adapter = SGLangRolloutEngine(engine, [0], None, stop_token_ids=[1], serialize=fake_serializer(lambda: 0),
+                                  route_shape=(3, 2))
+    results = adapter.generate([GroupRequest(0, [4, 5, 6, 9], 2, 11, 1.0, 1.0, 8)])
+    call = engine.calls[-1]
+    assert call[0] == "async_generate"
+    for sample in results[0]:
+        assert sample.token_ids == [7, 7, 1]
+        forwarded = [4, 5, 6, 9, 7, 7]  # the prompt, then the output without its last token
+        expected = torch.tensor([[[(t + layer + slot) % 8 for slot in range(2)] for layer in range(3)] for t in forwarded],
+                                dtype=torch.int32)
+        assert torch.equal(sample.routed_experts, expected)
+
+
+def test_routes_from_an_engine_started_without_capture_are_refused():
+    """SGLang started without enable_return_routed_experts silently returns no routes: refused in one line."""
+    engine = FakeSGLangEngine(tp_size=1, weight_shapes=SHAPES, enable_return_routed_experts=False)
+    adapter = SGLangRolloutEngine(engine, [0], None, stop_token_ids=[1], serialize=fake_serializer(lambda: 0),
+                                  route_shape=(3, 2))
+    with pytest.raises(SGLangError, match="enable_return_routed_experts"):
+        adapter.generate([GroupRequest(0, [4, 5], 1, 11, 1.0, 1.0, 8)])
