@@ -9,6 +9,7 @@ where it comes from, and what was measured against the real model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -17,7 +18,7 @@ from transformers import PretrainedConfig
 
 from megatron_dapo.config import DapoConfig, ModelConfig, ParallelConfig
 from megatron_dapo.errors import ConfigError
-from megatron_dapo.model_config import has_qkv_bias, head_dim, padded_vocab_size, validate_hf_config
+from megatron_dapo.model_config import has_qk_norm, has_qkv_bias, head_dim, num_experts, padded_vocab_size, validate_hf_config
 
 GIB = 1 << 30
 FP32, BF16, INT64 = 4, 2, 8
@@ -27,7 +28,8 @@ SGLANG_VOCAB_PADDING = 64  # SGLang pads the vocabulary of its embedding and LM 
 
 @dataclass(frozen=True)
 class ModelDims:
-    """The sizes of a Qwen2/Llama HF config that memory depends on."""
+    """The sizes of a Qwen2/Qwen3/Llama HF config that memory depends on (``experts`` > 0: Qwen3-MoE, every
+    layer's MLP is a router and ``experts`` SwiGLU experts of ``expert_ffn``; ``ffn`` is then 0)."""
 
     layers: int
     hidden: int
@@ -39,13 +41,18 @@ class ModelDims:
     qkv_bias: bool
     tied: bool
     max_positions: int
+    qk_norm: bool = False  # Qwen3: RMSNorm of size head_dim on queries and keys (replicated over TP)
+    experts: int = 0
+    topk: int = 0
+    expert_ffn: int = 0
 
     @classmethod
     def from_hf_config(cls, hf_config: PretrainedConfig) -> "ModelDims":
+        moe = num_experts(hf_config) > 0  # validate_hf_config refuses partly dense MoE configs
         return cls(
             layers=hf_config.num_hidden_layers,
             hidden=hf_config.hidden_size,
-            ffn=hf_config.intermediate_size,
+            ffn=0 if moe else hf_config.intermediate_size,
             heads=hf_config.num_attention_heads,
             kv_heads=hf_config.num_key_value_heads,
             head_dim=head_dim(hf_config),
@@ -53,18 +60,30 @@ class ModelDims:
             qkv_bias=has_qkv_bias(hf_config),
             tied=bool(hf_config.tie_word_embeddings),
             max_positions=hf_config.max_position_embeddings,
+            qk_norm=has_qk_norm(hf_config),
+            experts=num_experts(hf_config),
+            topk=hf_config.num_experts_per_tok if moe else 0,
+            expert_ffn=hf_config.moe_intermediate_size if moe else 0,
         )
 
-    def layer_parameters(self, tp: int = 1, kv_heads: int | None = None) -> int:
-        """One decoder layer's parameters on one of ``tp`` ranks (``kv_heads``: KV heads per rank, if replicated)."""
+    @property
+    def moe(self) -> bool:
+        return self.experts > 0
+
+    def layer_parameters(self, tp: int = 1, kv_heads: int | None = None, expert_shards: int = 1) -> int:
+        """One decoder layer's parameters on one of ``tp`` ranks (``kv_heads``: KV heads per rank, if replicated;
+        ``expert_shards``: ranks the experts' weights are split over, by whole experts or inside each)."""
         q_width = self.heads // tp * self.head_dim
         kv_width = (kv_heads if kv_heads is not None else self.kv_heads // tp) * self.head_dim
         qkv_rows = q_width + 2 * kv_width
         return (
             2 * self.hidden  # input and pre-MLP RMSNorm (replicated over TP)
             + qkv_rows * self.hidden + (qkv_rows if self.qkv_bias else 0)
+            + (2 * self.head_dim if self.qk_norm else 0)
             + self.hidden * q_width  # output projection, no bias
             + 3 * self.hidden * (self.ffn // tp)  # SwiGLU gate, up, down
+            + self.experts * self.hidden  # router (replicated)
+            + self.experts * 3 * self.hidden * self.expert_ffn // expert_shards
         )
 
     def parameter_count(self) -> int:
@@ -105,17 +124,43 @@ class Param:
     name: str
     numel: int
     shared_embedding: bool = False  # megatron gives it a bucket of its own under the distributed optimizer
+    expert: bool = False  # in the expert-parallel buffer, sharded over the expert data-parallel group
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How megatron lays a stage's experts out: ``ep`` ranks share a layer's experts, ``etp`` each expert's
+    matrices. ``edp``: the expert data-parallel size, ``world / (etp × ep × pp)``."""
+
+    ep: int = 1
+    etp: int = 1
+    edp: int = 1
+
+
+def expert_layout(parallel: ParallelConfig, dp: int) -> ExpertLayout:
+    tp = parallel.tensor_model_parallel_size
+    ep, etp = parallel.expert_model_parallel_size, parallel.expert_tensor_parallel_size or tp
+    return ExpertLayout(ep, etp, dp * tp // (etp * ep))
 
 
 def chunk_parameters(
-    dims: ModelDims, tp: int, pp: int, vpp: int | None, pp_rank: int, vp_stage: int, make_vocab_size_divisible_by: int
+    dims: ModelDims, tp: int, pp: int, vpp: int | None, pp_rank: int, vp_stage: int, make_vocab_size_divisible_by: int,
+    experts: ExpertLayout = ExpertLayout(),
 ) -> list[Param]:
-    """One rank's parameters of model chunk ``vp_stage``, in ``GPTModel.parameters()`` order (local spec)."""
+    """One rank's parameters of model chunk ``vp_stage``, in ``GPTModel.parameters()`` order (local spec).
+
+    MoE layers (megatron-core 0.16.1 ``MoELayer`` with ``SequentialMLP``): the router ``[E, h]``, then the
+    rank's ``E / ep`` local experts, each ``linear_fc1`` and ``linear_fc2`` split over ``etp``. Expert
+    weights go to the separate expert buffer only when ``ep > 1``: ``tensor_parallel/layers.py`` sets
+    ``allreduce = not (is_expert and expert_model_parallel_size > 1)``, which is what
+    ``DistributedDataParallel`` sorts parameters by.
+    """
     chunks = vpp or 1
     first, last = pp_rank == 0 and vp_stage == 0, pp_rank == pp - 1 and vp_stage == chunks - 1
     h, heads, groups = dims.hidden, dims.heads // tp, dims.kv_heads // tp
     vocab_rows = padded_vocab_size(dims.vocab, make_vocab_size_divisible_by, tp) // tp
     qkv_rows = (heads + 2 * groups) * dims.head_dim
+    expert_ffn, separate = dims.expert_ffn // experts.etp, experts.ep > 1
     params = []
     if first:
         params.append(Param("embedding.word_embeddings.weight", vocab_rows * h, dims.tied and not last))
@@ -125,10 +170,18 @@ def chunk_parameters(
             Param("self_attention.linear_proj.weight", h * heads * dims.head_dim),
             Param("self_attention.linear_qkv.weight", qkv_rows * h),
             *([Param("self_attention.linear_qkv.bias", qkv_rows)] if dims.qkv_bias else []),
+            *([Param("self_attention.q_layernorm.weight", dims.head_dim),
+               Param("self_attention.k_layernorm.weight", dims.head_dim)] if dims.qk_norm else []),
             Param("pre_mlp_layernorm.weight", h),
-            Param("mlp.linear_fc1.weight", 2 * (dims.ffn // tp) * h),
-            Param("mlp.linear_fc2.weight", h * (dims.ffn // tp)),
         ]
+        if not dims.moe:
+            params += [Param("mlp.linear_fc1.weight", 2 * (dims.ffn // tp) * h),
+                       Param("mlp.linear_fc2.weight", h * (dims.ffn // tp))]
+            continue
+        params.append(Param("mlp.router.weight", dims.experts * h))
+        for _ in range(dims.experts // experts.ep):
+            params += [Param("mlp.experts.local_experts.linear_fc1.weight", 2 * expert_ffn * h, expert=separate),
+                       Param("mlp.experts.local_experts.linear_fc2.weight", h * expert_ffn, expert=separate)]
     if last:
         params.append(Param("decoder.final_layernorm.weight", h))
         if not (dims.tied and first):  # tied on one stage: the output layer reuses the embedding
@@ -152,6 +205,8 @@ def buffer_layout(params: list[Param], dp: int, distributed: bool) -> BufferLayo
     64 elements, a shared embedding gets a bucket of its own, each bucket is padded to a multiple of
     lcm(DP, 128) and split into DP equal shards; padding belongs to no parameter.
     """
+    if not params:
+        return BufferLayout(0, (0,) * dp)
     if not distributed:
         total = sum(p.numel for p in params)
         return BufferLayout(total, (total,) * dp)
@@ -198,25 +253,33 @@ class StateBytes:
     def total(self) -> int:
         return self.params + self.grads + self.optimizer + self.reference
 
+    def __add__(self, other: "StateBytes") -> "StateBytes":
+        return StateBytes(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
 
-def stage_state_bytes(
-    dims: ModelDims, model: ModelConfig, parallel: ParallelConfig, dp: int, pp_rank: int, kl: bool = False
-) -> list[StateBytes]:
-    """Bytes of parameters, ``main_grad`` buffers and optimizer state on each DP rank of pipeline stage ``pp_rank``.
 
-    Gradients are fp32 (``grad_reduce_in_fp32``). Optimizer: Adam's two fp32 moments per parameter element, plus
-    fp32 main copies when the weights are bf16; the distributed optimizer keeps them for its shard only and
-    holds the weights in a padded buffer too. ``kl``: a frozen reference copy of the weights (no buffers).
-    """
-    par, distributed = parallel, parallel.use_distributed_optimizer
-    tp, pp, vpp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.virtual_pipeline_model_parallel_size
-    vpp = vpp if vpp and vpp > 1 else None
+@dataclass(frozen=True)
+class StageState:
+    """A pipeline stage's state bytes: ``dense[r]`` on data-parallel rank ``r`` (the non-expert buffer),
+    ``expert[e]`` on expert data-parallel rank ``e`` (the expert-parallel buffer; all zero without EP)."""
+
+    dense: list[StateBytes]
+    expert: list[StateBytes]
+
+    def rank(self, dp_rank: int, expert_dp_rank: int = 0) -> StateBytes:
+        return self.dense[dp_rank] + self.expert[expert_dp_rank]
+
+    def largest(self) -> StateBytes:
+        """The largest dense shard plus the largest expert shard (one rank holds at most that)."""
+        return max(self.dense, key=lambda s: s.total) + max(self.expert, key=lambda s: s.total)
+
+
+def _buffer_state_bytes(chunks: list[list[Param]], dp: int, model: ModelConfig, distributed: bool, kl: bool) -> list[StateBytes]:
+    """Per rank of a ``dp``-sized group, the state of one buffer per model chunk (see ``stage_state_bytes``)."""
     weight_bytes = BF16 if model.bf16 else FP32
     per_element = (FP32 if model.bf16 else 0) + 2 * FP32  # main copy (bf16 only) + exp_avg + exp_avg_sq
     buffer = elements = 0
     shards = [0] * dp
-    for vp_stage in range(vpp or 1):
-        chunk = chunk_parameters(dims, tp, pp, vpp, pp_rank, vp_stage, model.make_vocab_size_divisible_by)
+    for chunk in chunks:
         buffer += buffer_layout(chunk, dp, distributed).numel
         elements += sum(p.numel for p in chunk)
         shards = [a + b for a, b in zip(shards, buffer_layout(chunk, dp, True).shard_numel)]
@@ -233,11 +296,37 @@ def stage_state_bytes(
     ]
 
 
+def stage_state_bytes(
+    dims: ModelDims, model: ModelConfig, parallel: ParallelConfig, dp: int, pp_rank: int, kl: bool = False
+) -> StageState:
+    """Bytes of parameters, ``main_grad`` buffers and optimizer state on each rank of pipeline stage ``pp_rank``.
+
+    Gradients are fp32 (``grad_reduce_in_fp32``). Optimizer: Adam's two fp32 moments per parameter element, plus
+    fp32 main copies when the weights are bf16; the distributed optimizer keeps them for its shard only and
+    holds the weights in a padded buffer too. ``kl``: a frozen reference copy of the weights (no buffers).
+    Expert weights (EP > 1) have buffers of their own, padded and sharded over the expert data-parallel group
+    (megatron-core 0.16.1 ``distributed_data_parallel.py``: ``expert_parallel_buffers`` on
+    ``intra_expt_dp_group``; ``optimizer/__init__.py``: a second optimizer over them).
+    """
+    par, distributed = parallel, parallel.use_distributed_optimizer
+    tp, pp, vpp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.virtual_pipeline_model_parallel_size
+    vpp = vpp if vpp and vpp > 1 else None
+    experts = expert_layout(par, dp)
+    chunks = [chunk_parameters(dims, tp, pp, vpp, pp_rank, vp_stage, model.make_vocab_size_divisible_by, experts)
+              for vp_stage in range(vpp or 1)]
+    dense = [[p for p in chunk if not p.expert] for chunk in chunks]
+    expert = [[p for p in chunk if p.expert] for chunk in chunks]
+    return StageState(_buffer_state_bytes(dense, dp, model, distributed, kl),
+                      _buffer_state_bytes(expert, experts.edp, model, distributed, kl))
+
+
 def rank_state_bytes(
-    dims: ModelDims, model: ModelConfig, parallel: ParallelConfig, dp: int, pp_rank: int, dp_rank: int, kl: bool = False
+    dims: ModelDims, model: ModelConfig, parallel: ParallelConfig, dp: int, pp_rank: int, dp_rank: int, kl: bool = False,
+    expert_dp_rank: int = 0,
 ) -> StateBytes:
-    """``stage_state_bytes`` of the rank at (``pp_rank``, ``dp_rank``): TP ranks of a stage hold the same."""
-    return stage_state_bytes(dims, model, parallel, dp, pp_rank, kl)[dp_rank]
+    """The state bytes of the rank at (``pp_rank``, ``dp_rank``, ``expert_dp_rank``): TP ranks of a stage, and
+    EP/ETP ranks of an expert data-parallel rank, hold the same."""
+    return stage_state_bytes(dims, model, parallel, dp, pp_rank, kl).rank(dp_rank, expert_dp_rank)
 
 
 # ---------------------------------------------------------------- activations
@@ -485,7 +574,8 @@ def check_layout(
     config.validate(cluster.world_size, cluster.gpus_per_node)
     par = config.parallel
     validate_hf_config(hf_config, par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                       par.virtual_pipeline_model_parallel_size if (par.virtual_pipeline_model_parallel_size or 1) > 1 else None)
+                       par.virtual_pipeline_model_parallel_size if (par.virtual_pipeline_model_parallel_size or 1) > 1 else None,
+                       par.expert_model_parallel_size, par.expert_tensor_parallel_size)
     tp = par.tensor_model_parallel_size
     if dims.ffn % tp:
         raise ConfigError(f"parallel.tensor_model_parallel_size={tp} must divide intermediate_size={dims.ffn} of the model config")
@@ -532,7 +622,7 @@ def plan_memory(config: DapoConfig, hf_config: PretrainedConfig, cluster: Cluste
     stages = []
     for pp_rank in sorted({0, pp - 1}):
         first, last = pp_rank == 0, pp_rank == pp - 1
-        state = max(stage_state_bytes(dims, model, par, dp, pp_rank, kl), key=lambda s: s.total)
+        state = stage_state_bytes(dims, model, par, dp, pp_rank, kl).largest()
         in_flight = in_flight_micro_batches(pp, vpp, pp_rank, num_micro_batches)
         body = micro_batch_activation_bytes(dims, shape, chunk_layers, False, False, model.loss_impl)
         ends = micro_batch_activation_bytes(dims, shape, chunk_layers, first, last, model.loss_impl) - body
