@@ -469,10 +469,11 @@ def loss_op_bytes(dims: ModelDims, shape: ActivationShape, model: ModelConfig, t
 # ---------------------------------------------------------------- rollout (SGLang)
 def sglang_weight_bytes(dims: ModelDims, tp: int) -> int:
     """bf16 weights of one SGLang TP rank: vocabulary-parallel embedding and LM head (padded to 64), heads
-    split over TP, KV heads replicated when TP exceeds them, norms replicated."""
+    split over TP, KV heads replicated when TP exceeds them, norms and routers replicated; MoE experts split over
+    the engine's TP ranks (SGLang's default expert layout without an EP size: each expert's matrices over TP)."""
     vocab_rows = math.ceil(math.ceil(dims.vocab / SGLANG_VOCAB_PADDING) * SGLANG_VOCAB_PADDING / tp)
     embeddings = vocab_rows * dims.hidden * (1 if dims.tied else 2)
-    layer = dims.layer_parameters(tp, kv_heads=sglang_kv_heads(dims, tp))
+    layer = dims.layer_parameters(tp, kv_heads=sglang_kv_heads(dims, tp), expert_shards=tp)
     return BF16 * (embeddings + dims.layers * layer + dims.hidden)
 
 

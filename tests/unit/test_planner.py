@@ -264,3 +264,29 @@ def test_planner_imports_only_the_base_modules():
     assert ours <= {"megatron_dapo.config", "megatron_dapo.model_config", "megatron_dapo.errors"}, ours
     assert not {name for name in imported if name.startswith(("megatron.", "torch"))}
 
+
+
+# ---------------------------------------------------------------- Qwen3 and Qwen3-MoE
+def test_parameter_counts_of_the_qwen3_model_configs():
+    """Equal to the models' own counts: transformers builds each on the meta device and counts its parameters."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    expected = {"qwen3-30b-a3b": 30_532_122_624, "qwen3-235b-a22b": 235_093_634_560, "qwen3-32b": 32_762_123_264}
+    for name, count in expected.items():
+        assert _dims(name).parameter_count() == count, name
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(MODELS / name))
+        assert sum(p.numel() for p in model.parameters()) == count, name
+
+
+@pytest.mark.parametrize("config, nodes, model, params", [
+    ("qwen3_30b_a3b_dapo.yaml", "4", "qwen3-30b-a3b", 30_532_122_624),
+    ("qwen3_235b_a22b_dapo.yaml", "32", "qwen3-235b-a22b", 235_093_634_560),
+])
+def test_qwen3_moe_plans_fit(capsys, config, nodes, model, params):
+    code, out, err = _plan(capsys, ["plan", "--config", str(CONFIGS / config), "--nodes", nodes, "--gpus-per-node", "8",
+                                    "--gpu-memory-gib", "80", "--model-config", str(MODELS / model)])
+    assert code == 0, err
+    match = LAST_LINE.match(out.strip().splitlines()[-1])
+    assert match and match.group(1) == "yes" and int(match.group(2)) == params
