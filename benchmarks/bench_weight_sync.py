@@ -9,8 +9,12 @@ send/recv; here over gloo). The baseline is one ``copy_`` of the same number of 
 physical limit of moving them once in memory. The last line is the default transport's throughput at
 512 MB buckets over memcpy's; the line before it the collectives transport's.
 
+``--moe``: a Qwen3-MoE of about the same size (8 experts per layer) under TP=2 (+SP) × PP=2 with EP=2: each
+rank holds half of each layer's experts, which the resharder gathers over the expert-parallel group.
+
     python benchmarks/bench_weight_sync.py            # ~590 MB model
     python benchmarks/bench_weight_sync.py --quick    # ~26 MB model, seconds
+    python benchmarks/bench_weight_sync.py --moe      # ~620 MB MoE model, EP=2
 """
 
 from __future__ import annotations
@@ -35,9 +39,15 @@ DEFAULT = "512 MB buckets (default)"
 TRANSPORTS = {"shared_memory": BUCKETS_MB, "collectives": {DEFAULT: 512}}
 
 
-def model_config(quick: bool):
-    from transformers import Qwen2Config
+def model_config(quick: bool, moe: bool = False):
+    from transformers import Qwen2Config, Qwen3MoeConfig
 
+    if moe:
+        hidden, layers, experts_ffn, vocab = (256, 4, 176, 8000) if quick else (1024, 8, 448, 32000)
+        return Qwen3MoeConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
+                              moe_intermediate_size=experts_ffn, num_experts=8, num_experts_per_tok=2,
+                              num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2,
+                              head_dim=hidden // 8, tie_word_embeddings=False)
     if quick:
         return Qwen2Config(vocab_size=8000, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                            num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
@@ -45,7 +55,7 @@ def model_config(quick: bool):
                        num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False)
 
 
-def worker(quick: bool, repeats: int, out: Path) -> None:
+def worker(quick: bool, repeats: int, out: Path, moe: bool = False) -> None:
     """One rank of the 4-process job (run by torchrun)."""
     import torch.distributed as dist
 
@@ -54,9 +64,11 @@ def worker(quick: bool, repeats: int, out: Path) -> None:
     from megatron_dapo.model_config import ModelLayout
     from megatron_dapo.weights.transfer import hf_specs, stream_hf_buckets
 
-    initialize_distributed(2, 2, seed=0)
-    hf_config = model_config(quick)
-    model = build_gpt_model(hf_config, transformer_config_from_hf(hf_config, 2, 2), 128)
+    ep = 2 if moe else 1
+    initialize_distributed(2, 2, seed=0, expert_model_parallel_size=ep, expert_tensor_parallel_size=1 if moe else None)
+    hf_config = model_config(quick, moe)
+    config = transformer_config_from_hf(hf_config, 2, 2, sequence_parallel=moe, ep_size=ep, etp_size=1 if moe else None)
+    model = build_gpt_model(hf_config, config, 128)
     layout = ModelLayout.from_hf_config(hf_config)
     specs = hf_specs(model, layout)
     total_bytes = sum(s.nbytes for s in specs)
@@ -93,20 +105,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--moe", action="store_true", help="a Qwen3-MoE under EP=2 (TP=2 with SP, PP=2)")
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker_out:
-        worker(args.quick, args.repeats, args.worker_out)
+        worker(args.quick, args.repeats, args.worker_out, args.moe)
         return
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", __file__,
-                   "--repeats", str(args.repeats), "--worker-out", str(out)] + (["--quick"] if args.quick else [])
+                   "--repeats", str(args.repeats), "--worker-out", str(out)] + (["--quick"] if args.quick else []) \
+            + (["--moe"] if args.moe else [])
         env = dict(os.environ, OMP_NUM_THREADS="1")
         subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         results = json.loads(out.read_text())
     total = results["total_bytes"]
-    print(f"model: {total / MB:.0f} MB of fp32 HF tensors; TP=2 x PP=2, 4 processes on one host, CPU; best of {args.repeats}")
+    layout = "Qwen3-MoE, TP=2 (SP) x PP=2 x EP=2" if args.moe else "TP=2 x PP=2"
+    print(f"model: {total / MB:.0f} MB of fp32 HF tensors; {layout}, 4 processes on one host, CPU; best of {args.repeats}")
     for label in results:
         if label != "total_bytes":
             print(f"{label}: {results[label]:.3f} s, {total / 1e9 / results[label]:.2f} GB/s")

@@ -67,7 +67,11 @@ _ORIGINAL_TYPE = torch.Tensor.type
 
 
 class _HostStream:
-    """A CUDA stream's interface for CPU work, which runs in program order (nothing to wait for)."""
+    """A CUDA stream's interface for CPU work, which runs in program order (nothing to wait for). A class, as
+    ``torch.cuda.Stream`` is: libraries annotate with ``torch.cuda.Stream | None`` at import time."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
 
     def wait_stream(self, stream: object) -> None:
         pass
@@ -103,7 +107,7 @@ def install() -> None:
     torch.cuda.manual_seed = torch.default_generator.manual_seed
     torch.cuda.manual_seed_all = lambda seed: None  # torch.manual_seed calls it after seeding the CPU
     torch.cuda.empty_cache = lambda: None
-    torch.cuda.Stream = lambda *a, **k: _HostStream()
+    torch.cuda.Stream = _HostStream
     torch.cuda.current_stream = lambda *a, **k: _DEFAULT_STREAM
     torch.cuda.stream = lambda stream: contextlib.nullcontext()
     mcore_dispatcher.maybe_move_tensor_to_cpu = _host_copy

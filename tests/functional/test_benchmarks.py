@@ -20,8 +20,8 @@ def test_fused_loss_benchmark_quick():
     assert any(re.fullmatch(r"fused_linear scaling 2048/512 peak_mem_ratio=\d+\.\d+", line) for line in lines)
 
 
-def _run_quick(script):
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick"],
+def _run_quick(script, *args):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", *args],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout.strip().splitlines()
@@ -32,6 +32,12 @@ def test_weight_sync_benchmark_quick():
     assert re.fullmatch(r"resharder/memcpy throughput_ratio=\d+\.\d+", lines[-1])
     assert re.fullmatch(r"collectives resharder/memcpy throughput_ratio=\d+\.\d+", lines[-2])
     assert any(re.fullmatch(r"per_tensor/bucketed time_ratio=\d+\.\d+", line) for line in lines)
+
+
+def test_weight_sync_benchmark_of_a_moe_model_under_ep2_quick():
+    lines = _run_quick("bench_weight_sync.py", "--moe")
+    assert "Qwen3-MoE, TP=2 (SP) x PP=2 x EP=2" in lines[0]
+    assert re.fullmatch(r"resharder/memcpy throughput_ratio=\d+\.\d+", lines[-1])
 
 
 def test_convert_memory_benchmark_quick():
