@@ -25,11 +25,13 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
-from megatron_dapo.errors import CheckpointUnusableError, different_models
+from megatron_dapo.errors import CheckpointUnusableError, ConfigError, different_models
 from megatron_dapo.model_config import check_same_model
 from megatron_dapo.weights.checkpoint_reader import (
     CHECKPOINT_FAILURES,
@@ -39,6 +41,7 @@ from megatron_dapo.weights.checkpoint_reader import (
     iteration_dir,
     resolve_checkpoint,
     saved_iterations,
+    tensors_metadata,
 )
 from megatron_dapo.weights.transfer import ModelChunks, chunks_of, unwrap
 
@@ -190,6 +193,7 @@ def load_checkpoint(
     request = dict(model_state)
     if optimizer is not None:
         request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=optimizer_metadata())
+        _check_optimizer_fits(request["optimizer"], path)
     loaded = dist_checkpointing.load(request, str(path))
     for chunk, key in zip(chunks_of(model), model_state):
         missing, unexpected = unwrap(chunk).load_state_dict(loaded[key], strict=False)
@@ -201,6 +205,29 @@ def load_checkpoint(
     if scheduler is not None:
         scheduler.load_state_dict(loaded["scheduler"])
     return loaded.get("trainer")
+
+
+def _check_optimizer_fits(optimizer_request: dict, path: Path) -> None:
+    """Refuse, in one line, optimizer state saved under an incompatible expert layout.
+
+    megatron-core gives expert parameters an optimizer of their own (state keys ``chained_<i>.``) only when
+    EP > 1: ``SequentialMLP``/``TEGroupedMLP`` mark them ``allreduce=False`` then, and ``get_megatron_optimizer``
+    groups by that flag (megatron/core/transformer/moe/experts.py, megatron/core/optimizer/__init__.py). Any
+    other change of layout (TP, PP, DP, EP between values > 1) reshards.
+    """
+    saved = set(tensors_metadata(path))
+    wanted = {item.key for item in nested_values(optimizer_request) if isinstance(item, (ShardedTensor, ShardedTensorFactory))}
+    missing = sorted(wanted - saved)
+    if not missing:
+        return
+    saved_chained = any(key.startswith("chained_") for key in saved)
+    raise ConfigError(
+        f"checkpoint {path}: its optimizer state does not fit this layout ({missing[0]!r} is not in it); the "
+        f"checkpoint was saved with parallel.expert_model_parallel_size {'> 1' if saved_chained else '= 1'} and "
+        "megatron-core keeps expert parameters in an optimizer of their own only when it is > 1: resume with "
+        f"parallel.expert_model_parallel_size {'> 1' if saved_chained else '= 1'}, or start from its weights alone "
+        f"(model.megatron_checkpoint={path} trainer.resume=false)"
+    )
 
 
 def remove_old_checkpoints(save_dir: str | Path, keep_last: int) -> None:

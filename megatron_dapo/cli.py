@@ -104,14 +104,15 @@ def _plan_hf_config(config: DapoConfig, model_config: str | None) -> tuple["Pret
         return toy_hf_config(config.toy_model, build_toy_tokenizer()), "the toy model (model.hf_path: null)"
     path = Path(model_config or config.model.hf_path)
     file = path if path.is_file() else path / "config.json"
-    shipped = SHIPPED_MODEL_CONFIGS / path.name.lower() / "config.json"
+    shipped = SHIPPED_MODEL_CONFIGS / path.name.lower().removesuffix("-base") / "config.json"  # a base model's = its own
     if not file.is_file() and model_config is None and shipped.is_file():
         file = shipped  # the weights live on the cluster; the public config.json ships with the repository
     if not file.is_file():
         where = f"--model-config {path}" if model_config else f"model.hf_path={path}"
+        shipped_names = ", ".join(sorted(folder.name for folder in SHIPPED_MODEL_CONFIGS.iterdir()))
         raise ConfigError(
-            f"{where} has no config.json; pass --model-config <folder or config.json> "
-            "(the repository ships examples/models/qwen2.5-32b and examples/models/qwen2.5-7b)"
+            f"{where} has no config.json; pass --model-config <folder or config.json> (the repository ships "
+            f"{shipped_names} under examples/models)"
         )
     try:
         return AutoConfig.from_pretrained(str(file)), str(file)

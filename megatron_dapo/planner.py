@@ -341,6 +341,7 @@ class ActivationShape:
     dtype_bytes: int
     layer_spec: LayerSpec
     recompute: Literal["none", "full", "selective"] = "none"
+    expert_tp: int | None = None  # each expert's matrices split over this many ranks (None: tp)
 
     @property
     def flash(self) -> bool:
@@ -391,8 +392,43 @@ def layer_activation_bytes(dims: ModelDims, shape: ActivationShape, recompute: s
         v_width = q_width if groups < heads else qkv_width
         probs = b * heads * seq * seq * (FP32 + (d if d != FP32 else 0))
         core = tokens * d * (2 * q_width + v_width) + probs + seq * seq
-    mlp = tokens * d * 5 * (dims.ffn // tp)  # fc1 output (gate|up), up + offset, silu(gate), product
-    return norms + rope + core + context + mlp
+    qk_norms = qk_norm_bytes(dims, shape, tokens, heads, groups) if dims.qk_norm else 0
+    if dims.moe:
+        mlp = moe_mlp_bytes(dims, shape, local_tokens)
+    else:
+        mlp = tokens * d * 5 * (dims.ffn // tp)  # fc1 output (gate|up), up + offset, silu(gate), product
+    return norms + rope + core + context + qk_norms + mlp
+
+
+def qk_norm_bytes(dims: ModelDims, shape: ActivationShape, tokens: int, heads: int, groups: int) -> int:
+    """Qwen3's per-head RMSNorms of queries and keys (a rank's heads). Local spec: the fp32 copy of the input and
+    the fp32 normalised input per element, the fp32 reciprocal RMS per head, and in fp32 the weighted output
+    (RoPE keeps it; a 16-bit output is cast first and the cast keeps nothing). Transformer Engine: the input
+    and the reciprocal RMS (its fused RoPE keeps nothing)."""
+    width = (heads + groups) * dims.head_dim
+    d = shape.dtype_bytes
+    per_element = 2 * FP32 + (d if d == FP32 else 0) if shape.layer_spec == "local" else d
+    return tokens * (width * per_element + FP32 * (heads + groups))
+
+
+def moe_mlp_bytes(dims: ModelDims, shape: ActivationShape, local_tokens: int) -> int:
+    """A MoE layer's router, token dispatcher and experts, for the ``local_tokens`` that reach this rank's router.
+
+    Router (fp32): top-k indices (int64) and probabilities, the routing map (bool) and probabilities of every
+    expert, and the dispatcher's sort indices (int64). The dispatcher keeps the permuted tokens (the experts'
+    input) and their fp32 probabilities; the expert tensor-parallel group all-gathers its members' tokens, so a
+    rank's experts see ``local_tokens × top-k × expert_tp`` tokens, each with ``1 / expert_tp`` of the
+    intermediate size. Routing is assumed balanced over the expert-parallel ranks (a skewed router sends more
+    tokens to some ranks). Per routed token the local spec's ``SequentialMLP`` keeps six intermediate-sized
+    tensors (fc1's output counts two; silu, up, their product, the product scaled by the probability),
+    ``TEGroupedMLP`` three (fc1's output, the fused SwiGLU-with-probabilities output).
+    """
+    d, k, experts = shape.dtype_bytes, dims.topk, dims.experts
+    etp = shape.expert_tp or shape.tp
+    router = local_tokens * (k * (INT64 + FP32 + INT64) + experts * (1 + FP32))
+    routed = local_tokens * k * etp
+    per_routed = 6 if shape.layer_spec == "local" else 3
+    return router + routed * (dims.hidden * d + FP32) + routed * per_routed * (dims.expert_ffn // etp) * d
 
 
 def micro_batch_activation_bytes(
@@ -614,7 +650,7 @@ def plan_memory(config: DapoConfig, hf_config: PretrainedConfig, cluster: Cluste
         seq = math.ceil(seq / tp) * tp  # micro-batches are cut to a multiple of TP under sequence parallelism
     shape = ActivationShape(
         seq, par.micro_batch_size, tp, par.sequence_parallel, BF16 if model.bf16 else FP32, options.layer_spec,
-        par.recompute_granularity,
+        par.recompute_granularity, par.expert_tensor_parallel_size,
     )
     num_micro_batches = config.algorithm.mini_batch_size // (par.micro_batch_size * dp)
     chunks = vpp or 1

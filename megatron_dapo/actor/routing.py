@@ -21,13 +21,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
+from megatron_dapo.weights.transfer import unwrap
+
 Batch = dict[str, torch.Tensor]
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def forwarded_response_tokens(loss_mask: torch.Tensor) -> torch.Tensor:
@@ -45,17 +41,17 @@ class MoeRouting:
         self.num_experts, self.top_k, self.replay = num_experts, top_k, replay
         self.chunk_of = {id(chunk): index for index, chunk in enumerate(chunks)}
         self.routers = [
-            [(layer.layer_number - 1, layer.mlp.router) for layer in _unwrap(chunk).decoder.layers]
+            [(layer.layer_number - 1, layer.mlp.router) for layer in unwrap(chunk).decoder.layers]
             for chunk in chunks
         ]
-        self.num_layers = _unwrap(chunks[0]).config.num_layers
+        self.num_layers = unwrap(chunks[0]).config.num_layers
         self.logits: dict[int, torch.Tensor] = {}
         for chunk_routers in self.routers:
             for _, router in chunk_routers:
                 router.gating = self._recording(router.gating, id(router))
         self.stats: torch.Tensor | None = None
         self.with_engine_routes = False
-        self.sequence_parallel = _unwrap(chunks[0]).config.sequence_parallel
+        self.sequence_parallel = unwrap(chunks[0]).config.sequence_parallel
 
     def _recording(self, gating, key: int):
         def gating_and_record(input: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ finished, so resuming checks both and falls back to the newest checkpoint that p
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -35,8 +36,8 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from transformers import PretrainedConfig
 
 from megatron_dapo.errors import CheckpointNotFoundError, CheckpointUnusableError, different_models
-from megatron_dapo.model_config import ModelLayout, has_qkv_bias
-from megatron_dapo.weights.hf_mapping import megatron_to_hf, param_mapping
+from megatron_dapo.model_config import ModelLayout, has_qk_norm, has_qkv_bias, num_experts
+from megatron_dapo.weights.hf_mapping import ParamMapping, megatron_to_hf, param_mapping
 from megatron_dapo.weights.safetensors_io import TensorSpec
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -129,18 +130,46 @@ def newest_resumable(save_dir: str | Path) -> Path | None:
     return next((folder for folder, why in saved_iterations(save_dir) if why is None), None)
 
 LAYER_KEY = "decoder.layers."
+# Experts are stored with a second leading axis, the global expert, whatever EP/ETP saved them; the local
+# spec's SequentialMLP and Transformer Engine's TEGroupedMLP write the same keys (megatron/core/transformer/
+# moe/experts.py, both ``sharded_state_dict``s).
+EXPERT_KEY = f"{LAYER_KEY}mlp.experts.experts."
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
 OUTPUT_KEY = "output_layer.weight"
 FINAL_NORM_KEY = "decoder.final_layernorm.weight"
 
 
+@dataclass(frozen=True)
+class CheckpointTensor:
+    """One tensor of a checkpoint key: the whole key, one layer's slice, or one layer's slice of one expert."""
+
+    key: str
+    layer: int | None = None
+    expert: int | None = None
+
+    @property
+    def leading_axes(self) -> int:
+        """How many leading axes of the stored tensor (layer, expert) this item indexes."""
+        return (self.layer is not None) + (self.expert is not None)
+
+    def mapping(self, layout: ModelLayout) -> ParamMapping:
+        """The HF mapping of this item, through the stage-local name megatron-core gives the parameter."""
+        if self.layer is None:
+            return param_mapping(self.key, None, layout)
+        suffix = self.key[len(LAYER_KEY):]
+        if self.expert is not None:
+            suffix = f"mlp.experts.local_experts.{self.expert}.{self.key[len(EXPERT_KEY):]}"
+        return param_mapping(f"{LAYER_KEY}{self.layer}.{suffix}", self.layer, layout)
+
+
 def megatron_shapes(hf_config: PretrainedConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     """Checkpoint key -> (global shape without the vocabulary padding rule, config fields it follows).
 
-    Layer keys carry the leading layer axis. Vocabulary rows are checked separately (padding).
+    Layer keys carry the leading layer axis, expert keys a layer and an expert axis. Vocabulary rows are
+    checked separately (padding).
     """
     layout = ModelLayout.from_hf_config(hf_config)
-    h, ffn, layers = hf_config.hidden_size, hf_config.intermediate_size, hf_config.num_hidden_layers
+    h, layers = hf_config.hidden_size, hf_config.num_hidden_layers
     qkv_rows = (layout.num_attention_heads + 2 * layout.num_key_value_heads) * layout.head_dim
     heads = "num_attention_heads, num_key_value_heads, head_dim, hidden_size"
     shapes = {
@@ -149,30 +178,41 @@ def megatron_shapes(hf_config: PretrainedConfig) -> dict[str, tuple[tuple[int, .
         f"{LAYER_KEY}self_attention.linear_qkv.weight": ((layers, qkv_rows, h), heads),
         f"{LAYER_KEY}self_attention.linear_proj.weight": ((layers, h, layout.num_attention_heads * layout.head_dim), heads),
         f"{LAYER_KEY}mlp.linear_fc1.layer_norm_weight": ((layers, h), "hidden_size"),
-        f"{LAYER_KEY}mlp.linear_fc1.weight": ((layers, 2 * ffn, h), "intermediate_size, hidden_size"),
-        f"{LAYER_KEY}mlp.linear_fc2.weight": ((layers, h, ffn), "intermediate_size, hidden_size"),
         FINAL_NORM_KEY: ((h,), "hidden_size"),
     }
     if has_qkv_bias(hf_config):
         shapes[f"{LAYER_KEY}self_attention.linear_qkv.bias"] = ((layers, qkv_rows), heads)
+    if has_qk_norm(hf_config):
+        for norm in ("q_layernorm", "k_layernorm"):
+            shapes[f"{LAYER_KEY}self_attention.{norm}.weight"] = ((layers, layout.head_dim), "head_dim")
+    if layout.num_experts:
+        experts, ffn = layout.num_experts, hf_config.moe_intermediate_size
+        expert_fields = "num_experts, moe_intermediate_size, hidden_size"
+        shapes[f"{LAYER_KEY}mlp.router.weight"] = ((layers, experts, h), "num_experts, hidden_size")
+        shapes[f"{EXPERT_KEY}linear_fc1.weight"] = ((layers, experts, 2 * ffn, h), expert_fields)
+        shapes[f"{EXPERT_KEY}linear_fc2.weight"] = ((layers, experts, h, ffn), expert_fields)
+    else:
+        ffn = hf_config.intermediate_size
+        shapes[f"{LAYER_KEY}mlp.linear_fc1.weight"] = ((layers, 2 * ffn, h), "intermediate_size, hidden_size")
+        shapes[f"{LAYER_KEY}mlp.linear_fc2.weight"] = ((layers, h, ffn), "intermediate_size, hidden_size")
     if not layout.tie_word_embeddings:
         shapes[OUTPUT_KEY] = ((layout.vocab_size, h), "vocab_size, hidden_size")
     return shapes
 
 
-def tensor_order(hf_config: PretrainedConfig) -> list[tuple[str, int | None]]:
-    """(checkpoint key, layer) in HF order: embedding, layer by layer, final norm, output layer."""
+def tensor_order(hf_config: PretrainedConfig) -> list[CheckpointTensor]:
+    """Every tensor in HF order: embedding, layer by layer (expert by expert), final norm, output layer."""
     keys = list(megatron_shapes(hf_config))
-    layer_keys = [k for k in keys if k.startswith(LAYER_KEY)]
-    order: list[tuple[str, int | None]] = [(EMBEDDING_KEY, None)]
-    order += [(key, layer) for layer in range(hf_config.num_hidden_layers) for key in layer_keys]
-    order += [(k, None) for k in (FINAL_NORM_KEY, OUTPUT_KEY) if k in keys]
+    experts = range(num_experts(hf_config))
+    order = [CheckpointTensor(EMBEDDING_KEY)]
+    for layer in range(hf_config.num_hidden_layers):
+        for key in keys:
+            if key.startswith(EXPERT_KEY):
+                order += [CheckpointTensor(key, layer, expert) for expert in experts]
+            elif key.startswith(LAYER_KEY):
+                order.append(CheckpointTensor(key, layer))
+    order += [CheckpointTensor(k) for k in (FINAL_NORM_KEY, OUTPUT_KEY) if k in keys]
     return order
-
-
-def checkpoint_param_mapping(key: str, layer: int | None, layout: ModelLayout):
-    name = key if layer is None else f"{LAYER_KEY}{layer}.{key[len(LAYER_KEY):]}"
-    return param_mapping(name, layer, layout)
 
 
 def check_checkpoint_matches_config(metadata: dict, hf_config: PretrainedConfig, source: str) -> None:
@@ -242,17 +282,17 @@ def tensors_metadata(checkpoint_dir: Path) -> dict[str, TensorStorageMetadata]:
     return FileSystemReader(str(checkpoint_dir)).read_metadata().state_dict_metadata
 
 
-def _read(checkpoint_dir: Path, key: str, layer: int | None, meta: TensorStorageMetadata) -> torch.Tensor:
-    """One layer's slice (or the whole tensor) of a checkpoint key."""
-    shape = tuple(meta.size)
-    box_shape = shape if layer is None else (1, *shape[1:])
-    offsets = (0,) * len(shape) if layer is None else (layer,) + (0,) * (len(shape) - 1)
-    planner = _BoxLoadPlanner(key, offsets, box_shape, meta.properties.dtype)
+def _read(checkpoint_dir: Path, item: CheckpointTensor, meta: TensorStorageMetadata) -> torch.Tensor:
+    """One item's box of its checkpoint key, without the indexed leading axes."""
+    shape, axes = tuple(meta.size), item.leading_axes
+    index = tuple(i for i in (item.layer, item.expert) if i is not None)
+    offsets = index + (0,) * (len(shape) - axes)
+    planner = _BoxLoadPlanner(item.key, offsets, (1,) * axes + shape[axes:], meta.properties.dtype)
     try:
         dcp.load({}, storage_reader=_HandoffReader(str(checkpoint_dir)), planner=planner, no_dist=True)
     except CHECKPOINT_FAILURES as error:  # damaged in place: sizes right, bytes wrong (check_readable cannot see it)
-        raise CheckpointUnusableError(f"checkpoint {checkpoint_dir} is torn: {key} cannot be read ({type(error).__name__})") from error
-    return planner.result if layer is None else planner.result[0]
+        raise CheckpointUnusableError(f"checkpoint {checkpoint_dir} is torn: {item.key} cannot be read ({type(error).__name__})") from error
+    return planner.result.reshape(shape[axes:])
 
 
 def read_hf_tensors(
@@ -269,20 +309,18 @@ def read_hf_tensors(
     layout = ModelLayout.from_hf_config(hf_config)
     order = tensor_order(hf_config)
     specs = []
-    for key, layer in order:
-        meta = metadata[key]
-        shape = tuple(meta.size) if layer is None else tuple(meta.size)[1:]
-        placeholders = [torch.empty(shape, device="meta")]
-        for name, tensor in zip(checkpoint_param_mapping(key, layer, layout).hf_names, megatron_to_hf(checkpoint_param_mapping(key, layer, layout), placeholders, layout)):
+    for item in order:
+        meta = metadata[item.key]
+        mapping = item.mapping(layout)
+        placeholders = [torch.empty(tuple(meta.size)[item.leading_axes:], device="meta")]
+        for name, tensor in zip(mapping.hf_names, megatron_to_hf(mapping, placeholders, layout)):
             specs.append(TensorSpec(name, tuple(tensor.shape), dtype or meta.properties.dtype))
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        for key, layer in order:
-            mapping = checkpoint_param_mapping(key, layer, layout)
-            hf_tensors = megatron_to_hf(mapping, [_read(checkpoint_dir, key, layer, metadata[key])], layout)
+        for item in order:
+            mapping = item.mapping(layout)
+            hf_tensors = megatron_to_hf(mapping, [_read(checkpoint_dir, item, metadata[item.key])], layout)
             for name in mapping.hf_names:
                 yield name, hf_tensors.pop(0)  # nothing here keeps a tensor alive once it is written
 
     return specs, tensors()
-
-

@@ -14,7 +14,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from ..helpers import ROOT, assert_hf_folders_bit_identical, build_actor, convert, hf_logprobs, make_tiny_qwen2, test_config
+from ..helpers import (
+    ROOT, assert_hf_folders_bit_identical, build_actor, convert, hf_logprobs, make_tiny_qwen2, make_tiny_qwen3, test_config,
+)
+from .test_parallel_layouts import _batch as _training_batch
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end: minutes on 2 cores
 
@@ -82,6 +85,44 @@ def test_conversions_round_trip_under_any_layout(tmp_path, tied):
     for got in (tp1pp1, tp1pp2):
         assert (got - tp2pp2)[mask].abs().max() < 1e-5
         assert (got - expected)[mask].abs().max() < 1e-5
+
+
+def test_moe_conversions_and_resume_under_expert_parallel_layouts(tmp_path):
+    """Issue 18, Qwen3-MoE: HF → ``hf_to_megatron.py`` → actor at TP2(SP)×PP2×EP2 → in-job exports and a saved
+    checkpoint → ``megatron_to_hf.py``: bit-identical; the saved checkpoint loads under EP4; a trainer
+    checkpoint saved under EP2 between two optimiser steps resumes exactly (bit-identical log-probs after the
+    second step), and with EP1 is refused in one line (megatron-core's optimizer state differs)."""
+    original = make_tiny_qwen3(tmp_path / "hf", moe=True, num_layers=4)
+    make_tiny_qwen3(tmp_path / "decoy", moe=True, num_layers=4, seed=1)  # loads must not use these weights
+    batch = _training_batch(original)
+    torch.save(batch, tmp_path / "batch.pt")
+    mask = batch["loss_mask"].bool()
+    with torch.no_grad():
+        expected = hf_logprobs(original, batch)
+
+    convert("hf_to_megatron.py", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "mg"))
+    tp2pp2ep2 = _layout_logprobs(tmp_path, "tp2pp2ep2", tmp_path / "decoy", tmp_path / "mg", 4, 2, 2,
+                                 "--ep", "2", "--etp", "1", "--sp", "--save", str(tmp_path / "saved"),
+                                 "--export", str(tmp_path / "exported"),
+                                 "--export-collectives", str(tmp_path / "exported_collectives"))
+    assert (tp2pp2ep2 - expected)[mask].abs().max() < 1e-5
+    assert_hf_folders_bit_identical(tmp_path / "exported", tmp_path / "hf")
+    assert_hf_folders_bit_identical(tmp_path / "exported_collectives", tmp_path / "hf")
+    convert("megatron_to_hf.py", "--load", str(tmp_path / "saved"), "--out", str(tmp_path / "from_ckpt"), "--no-progress")
+    assert_hf_folders_bit_identical(tmp_path / "from_ckpt", tmp_path / "hf")  # experts saved by two EP ranks
+    ep4 = _layout_logprobs(tmp_path, "ep4", tmp_path / "decoy", tmp_path / "saved", 4, 1, 1, "--ep", "4")
+    assert (ep4 - expected)[mask].abs().max() < 1e-5
+
+    ep2 = ("--ep", "2")
+    two_steps = _layout_logprobs(tmp_path, "two_steps", tmp_path / "hf", tmp_path / "mg", 2, 1, 1, *ep2,
+                                 "--save-between-steps", str(tmp_path / "trainer"))
+    assert (two_steps - expected)[mask].abs().max() > 1e-3  # the steps changed the policy
+    resumed = _layout_logprobs(tmp_path, "resumed", tmp_path / "decoy", tmp_path / "mg", 2, 1, 1, *ep2,
+                               "--resume", str(tmp_path / "trainer"))
+    assert torch.equal(resumed[mask], two_steps[mask])  # model, Adam moments and step, LR schedule restored
+    refused = _run([sys.executable, *WORKER, "--hf-dir", str(tmp_path / "decoy"), "--batch", str(tmp_path / "batch.pt"),
+                    "--out", str(tmp_path / "x.pt"), "--resume", str(tmp_path / "trainer")], expect_ok=False)
+    assert refused.returncode != 0 and "parallel.expert_model_parallel_size > 1" in refused.stderr
 
 
 def test_converters_refuse_a_config_of_another_model(tmp_path):

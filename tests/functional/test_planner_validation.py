@@ -3,6 +3,9 @@
 - Parameters, ``main_grad`` buffers and optimizer state: every rank's bytes under TP2×DP2 (+SP), PP2×DP2 and
   TP2×PP2 (4 processes, gloo), bf16 on and off, with and without the distributed optimizer, untied and tied,
   equal the planner's prediction for that rank's pipeline stage and data-parallel shard exactly.
+- The same for a Qwen3-MoE under TP2(SP)×EP2 with ETP1, TP2(SP) with ETP2, PP2×EP2 and EP4: expert buffers
+  (their own, sharded over the expert data-parallel group, when EP > 1) included; activations too (routing is
+  not balanced on a random model: the estimate assumes it is).
 - Activations: the bytes the forward saves for backward (``saved_tensors_hooks``, unique storages) against the
   planner's estimate for the local spec, at two sequence lengths, each recompute setting, fp32 and bf16, in one
   process; and per rank in the layouts above (sequence parallelism, first and last pipeline stage).
@@ -19,7 +22,7 @@ from transformers import AutoConfig
 
 from megatron_dapo.planner import ActivationShape, ModelDims, micro_batch_activation_bytes, rank_state_bytes
 
-from ..helpers import ROOT, build_actor, make_tiny_qwen2, test_config
+from ..helpers import ROOT, build_actor, make_tiny_qwen2, make_tiny_qwen3, test_config
 from .workers.planner_worker import saved_activation_bytes
 
 pytestmark = pytest.mark.slow  # multi-process: minutes on 2 cores
@@ -28,6 +31,10 @@ LAYOUTS = {
     "tp2-dp2-sp": ["--tp", "2", "--sp"],
     "pp2-dp2": ["--pp", "2"],
     "tp2-pp2": ["--tp", "2", "--pp", "2"],
+    "moe-tp2-sp-ep2-etp1": ["--models", "moe", "--tp", "2", "--sp", "--ep", "2", "--etp", "1"],
+    "moe-tp2-sp-etp2": ["--models", "moe", "--tp", "2", "--sp"],
+    "moe-pp2-ep2": ["--models", "moe", "--pp", "2", "--ep", "2"],
+    "moe-ep4": ["--models", "moe", "--ep", "4"],
 }
 NUM_LAYERS = 4
 SEQ = 32
@@ -53,6 +60,7 @@ def work(tmp_path_factory):
     work = tmp_path_factory.mktemp("planner")
     for name in ("untied", "tied"):
         make_tiny_qwen2(work / name, tied=name == "tied", num_layers=NUM_LAYERS)
+    make_tiny_qwen3(work / "moe", moe=True, num_layers=NUM_LAYERS)
     torch.save(_batch(), work / "batch.pt")
     return work
 
@@ -75,20 +83,24 @@ def _option(args: list[str], flag: str) -> int:
 def test_state_and_activation_bytes_per_rank(work, layout):
     args = LAYOUTS[layout]
     tp, pp, sp = _option(args, "--tp"), _option(args, "--pp"), "--sp" in args
+    ep, etp = _option(args, "--ep"), (_option(args, "--etp") if "--etp" in args else "null")
+    models = args[args.index("--models") + 1].split(",") if "--models" in args else ["untied", "tied"]
     ranks = _launch(work, layout, args)
-    for model_name in ("untied", "tied"):
+    for model_name in models:
         dims = ModelDims.from_hf_config(AutoConfig.from_pretrained(work / model_name))
         for bf16 in (False, True):
             for distopt in (False, True):
                 config = test_config(**{
                     "parallel.tensor_model_parallel_size": tp, "parallel.pipeline_model_parallel_size": pp,
                     "parallel.sequence_parallel": sp, "parallel.use_distributed_optimizer": distopt,
+                    "parallel.expert_model_parallel_size": ep, "parallel.expert_tensor_parallel_size": etp,
                     "model.bf16": bf16,
                 })
                 key = f"{model_name}/bf16={bf16}/distopt={distopt}"
                 for rank, measured in enumerate(ranks):
                     predicted = rank_state_bytes(
-                        dims, config.model, config.parallel, measured["dp"], measured["pp_rank"], measured["dp_rank"]
+                        dims, config.model, config.parallel, measured["dp"], measured["pp_rank"], measured["dp_rank"],
+                        expert_dp_rank=measured["expert_dp_rank"],
                     )
                     got = measured[key]
                     assert (got["params"], got["grads"], got["optimizer"]) == (
@@ -96,7 +108,8 @@ def test_state_and_activation_bytes_per_rank(work, layout):
                     ), f"{layout} rank {rank} {key}"
                     if distopt:
                         continue
-                    shape = ActivationShape(SEQ, 2, tp, sp, 2 if bf16 else 4, "local")
+                    shape = ActivationShape(SEQ, 2, tp, sp, 2 if bf16 else 4, "local",
+                                            expert_tp=etp if etp != "null" else None)
                     first, last = measured["pp_rank"] == 0, measured["pp_rank"] == pp - 1
                     estimate = micro_batch_activation_bytes(dims, shape, NUM_LAYERS // pp, first, last, "fused")
                     saved = measured[f"{key}/activations"]

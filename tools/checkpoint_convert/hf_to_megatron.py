@@ -1,4 +1,4 @@
-"""Hugging Face folder → Megatron torch_dist checkpoint that loads under any TP/PP layout.
+"""Hugging Face folder → Megatron torch_dist checkpoint that loads under any TP/PP/EP layout.
 
     python tools/checkpoint_convert/hf_to_megatron.py --hf-dir <hf_dir> --out <megatron_ckpt_dir> \
         [--dtype bf16|fp16|fp32] [--make-vocab-size-divisible-by 128]

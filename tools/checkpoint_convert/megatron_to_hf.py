@@ -1,4 +1,4 @@
-"""Megatron torch_dist checkpoint (any TP/PP it was saved with) → Hugging Face folder, tensor by tensor.
+"""Megatron torch_dist checkpoint (any TP/PP/EP it was saved with) → Hugging Face folder, tensor by tensor.
 
     python tools/checkpoint_convert/megatron_to_hf.py --load <megatron_ckpt_dir> --out <hf_dir> \
         [--dtype bf16|fp16|fp32] [--tokenizer <dir>] [--config <hf_config_dir>]

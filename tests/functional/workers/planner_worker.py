@@ -1,9 +1,10 @@
 """torchrun worker: the bytes this rank really holds for parameters, gradients and optimizer state, and what the
 forward saves for backward, for the memory planner's validation (tests/functional/test_planner_validation.py).
 
-For each of bf16 on/off × distributed optimizer on/off × untied/tied, builds the actor from ``<work>/<model>``,
-takes one optimiser step (torch's AdamW creates its moments lazily) and counts unique storages. Every rank
-writes ``<work>/<name>/rank<r>.json`` with its pipeline and data-parallel coordinates.
+For each of bf16 on/off × distributed optimizer on/off × the models (``--models``: untied/tied Qwen2, or a
+Qwen3-MoE under ``--ep``/``--etp``), builds the actor from ``<work>/<model>``, takes one optimiser step (torch's
+AdamW creates its moments lazily) and counts unique storages. Every rank writes ``<work>/<name>/rank<r>.json``
+with its pipeline, data-parallel and expert data-parallel coordinates.
 """
 
 import argparse
@@ -82,9 +83,13 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--sp", action="store_true")
+    parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--etp", type=int, default=None)
+    parser.add_argument("--models", default="untied,tied")
     parser.add_argument("--seq", type=int, default=32)
     args = parser.parse_args()
-    initialize_distributed(args.tp, args.pp, seed=1)
+    initialize_distributed(args.tp, args.pp, seed=1, expert_model_parallel_size=args.ep,
+                           expert_tensor_parallel_size=args.etp)
     batch = torch.load(args.work / "batch.pt")
     dp_size, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     num = batch["input_ids"].shape[0]
@@ -92,13 +97,16 @@ def main() -> None:
     results: dict[str, object] = {
         "pp_rank": parallel_state.get_pipeline_model_parallel_rank(), "dp_rank": dp_rank, "dp": dp_size,
         "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+        "expert_dp_rank": parallel_state.get_expert_data_parallel_rank(),
     }
-    for model_name in ("untied", "tied"):
+    for model_name in args.models.split(","):
         for bf16 in (False, True):
             for distopt in (False, True):
                 overrides = {
                     "parallel.tensor_model_parallel_size": args.tp, "parallel.pipeline_model_parallel_size": args.pp,
                     "parallel.sequence_parallel": args.sp, "parallel.use_distributed_optimizer": distopt,
+                    "parallel.expert_model_parallel_size": args.ep,
+                    "parallel.expert_tensor_parallel_size": args.etp or "null",
                     "parallel.micro_batch_size": 2, "model.bf16": bf16, "optimizer.lr_warmup_steps": 0,
                 }
                 actor = build_actor(test_config(**overrides), args.work / model_name)
