@@ -12,8 +12,16 @@ two cores are never oversubscribed:
 The last line compares two engines with one engine at the same threads per process; the line before it, with
 the single engine that has both cores.
 
+``--long-tail``: two engines (one per process, one thread each) fed continuously against in lock-step ticks
+(``rollout.continuous_feeding``), streaming on the countdown task, whose warm start imitates demonstrations that
+loop without end (``toy_model.sft_loop``): the few samples that loop generate to ``max_response_length`` (256
+here; solutions take 14–110 tokens) and hold their engine's batch (the CPU engine batches statically) while the
+other engine could go on. One group in flight per engine, 8 kept groups per step. The last line is ``continuous/ticks generation_seconds ratio=<z>``: the steps' generation
+time, the same steps and kept groups in both.
+
     python benchmarks/bench_rollout_scaling.py            # 4 steps per run
     python benchmarks/bench_rollout_scaling.py --quick    # 2 steps, a shorter warm start
+    python benchmarks/bench_rollout_scaling.py --long-tail [--quick]
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from toy_rollout import build_policy  # noqa: E402
+from toy_rollout import ROOT, build_policy  # noqa: E402
 
 PROMPTS = 128  # per step: enough rows (1024) that generation is compute-bound, not per-step overhead
 ONE, ONE_ALL_CORES, TWO = "1 engine", "1 engine with both cores' threads", "2 engines"
@@ -40,10 +48,44 @@ RUNS = {
 }
 
 
+COUNTDOWN = ROOT / "examples" / "configs" / "countdown_cpu.yaml"
+FEEDING = {"continuous": "rollout.continuous_feeding=true", "ticks": "rollout.continuous_feeding=false"}
+
+
+def long_tail(quick: bool) -> None:
+    steps, sft_steps = (3, 400) if quick else (8, 800)
+    common = ["rollout.ranks_per_engine=1", "rollout.sampling_mode=streaming", "rollout.groups_in_flight=2",
+              "rollout.max_response_length=256", "algorithm.train_batch_size=8", "algorithm.gen_batch_size=8",
+              "algorithm.max_num_gen_batches=0"]
+    seconds, kept = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        policy, data = build_policy(Path(tmp), sft_steps, COUNTDOWN)
+        for label, feeding in FEEDING.items():
+            out = Path(tmp) / "result.json"
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                       str(HERE / "toy_rollout.py"), "--policy", str(policy), "--data", str(data), "--steps", str(steps),
+                       "--out", str(out), "--threads", "1,1", "--config", str(COUNTDOWN), *common, feeding]
+            subprocess.run(command, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE)
+            rows = json.loads(out.read_text())
+            seconds[label] = sum(row["sampling/generated_tokens"] / row["rollout/tokens_per_s"] for row in rows)
+            kept[label] = [(row["acc/mean"], row["response_length/mean"]) for row in rows]
+            idle = sum(row["rollout/engine_idle_frac"] for row in rows) / len(rows)
+            clipped = sum(row["response_length/clip_ratio"] for row in rows) / len(rows)
+            print(f"{label}: {seconds[label]:.1f} s generating {steps} steps, engines idle {idle:.1%} of the time, "
+                  f"{clipped:.1%} of the trained samples at the length limit")
+    assert kept["continuous"] == kept["ticks"], "the two protocols kept different groups"
+    print(f"continuous/ticks generation_seconds ratio={seconds['continuous'] / seconds['ticks']:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--long-tail", action="store_true")
     args = parser.parse_args()
+    if args.long_tail:
+        long_tail(args.quick)
+        return
     steps, sft_steps = (2, 300) if args.quick else (4, 800)
     common = ["rollout.sampling_mode=rounds", "algorithm.dynamic_sampling=false", f"algorithm.gen_batch_size={PROMPTS}",
               f"algorithm.train_batch_size={PROMPTS}", "rollout.n=8"]

@@ -16,19 +16,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 
-def build_policy(work: Path, sft_steps: int) -> tuple[Path, Path]:
-    """The toy policy (warm-started for ``sft_steps``) and its training problems, under ``work``."""
-    from megatron_dapo.config import ToyModelConfig
+TOY_CONFIG = ROOT / "examples" / "configs" / "toy_cpu.yaml"
+
+
+def build_policy(work: Path, sft_steps: int, config_path: Path = TOY_CONFIG) -> tuple[Path, Path]:
+    """The toy policy of ``config_path``'s task and warm start (for ``sft_steps``) and its training problems,
+    under ``work``."""
+    from megatron_dapo.config import load_config
     from megatron_dapo.data import load_prompt_files, write_toy_dataset
     from megatron_dapo.toy import build_toy_checkpoint
 
-    data = write_toy_dataset(work / "train.parquet", 2000, 1234)
-    build_toy_checkpoint(ToyModelConfig(sft_steps=sft_steps), load_prompt_files([str(data)]), work / "policy", seed=1)
+    config = load_config(config_path, [f"toy_model.sft_steps={sft_steps}"])
+    data = write_toy_dataset(work / "train.parquet", 2000, 1234, config.data.toy_task)
+    build_toy_checkpoint(config.toy_model, load_prompt_files([str(data)]), work / "policy", seed=1)
     return work / "policy", data
 
 
-def run_steps(policy: Path, data: Path, steps: int, overrides: list[str], threads: int) -> list[dict[str, float]]:
-    """``steps`` rollout steps of the toy config with ``overrides`` in this process's job; rank 0's metrics."""
+def run_steps(policy: Path, data: Path, steps: int, overrides: list[str], threads: int,
+              config_path: Path = TOY_CONFIG) -> list[dict[str, float]]:
+    """``steps`` rollout steps of ``config_path`` with ``overrides`` in this process's job; rank 0's metrics."""
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
@@ -41,7 +47,7 @@ def run_steps(policy: Path, data: Path, steps: int, overrides: list[str], thread
 
     torch.set_num_threads(threads)
     initialize_process_group()
-    config = load_config(ROOT / "examples" / "configs" / "toy_cpu.yaml", overrides)
+    config = load_config(config_path, overrides)
     tokenizer = AutoTokenizer.from_pretrained(policy)
     records = load_prompt_files([str(data)])
     placement = EnginePlacement(config.rollout.ranks_per_engine, dist.get_world_size())
@@ -62,10 +68,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", required=True, help="torch threads by local rank, comma-separated: 2,1")
+    parser.add_argument("--config", type=Path, default=TOY_CONFIG)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    rows = run_steps(args.policy, args.data, args.steps, args.overrides, int(args.threads.split(",")[local_rank]))
+    rows = run_steps(args.policy, args.data, args.steps, args.overrides, int(args.threads.split(",")[local_rank]),
+                     args.config)
     if local_rank == 0:
         args.out.write_text(json.dumps(rows))
 

@@ -74,6 +74,50 @@ def data_parallel_rows(num_samples: int, mini_batch_size: int, dp_size: int, dp_
     ]
 
 
+def sample_cost(length: int, hidden_size: int) -> float:
+    """A sample's estimated training cost in token-equivalents: per layer the linear layers' FLOPs grow with its
+    tokens (about 24 h² each) and causal attention's with the square of its length (QKᵀ and AV over half the
+    square: about 2 h · length per token), so ``length · (1 + length / (12 h))`` up to a common factor."""
+    return length * (1 + length / (12 * hidden_size))
+
+
+def data_parallel_partition(costs: list[float], mini_batch_size: int, dp_size: int, balance: bool) -> list[list[int]]:
+    """Each data-parallel rank's rows of a step's samples (with their estimated ``costs``): the same number from
+    each mini-batch of ``mini_batch_size`` consecutive samples, in mini-batch order.
+
+    ``balance``: within each mini-batch, longest-processing-time first — samples by decreasing cost (ties: the
+    lower row) each go to the rank with the least cost so far among those with room (ties: the lower rank) —
+    so the ranks' summed costs are even, and every rank computes the same partition from the same costs.
+    Otherwise ``data_parallel_rows``. The gradient does not depend on the partition: every loss normalisation
+    is over the whole mini-batch.
+    """
+    if not balance:
+        return [data_parallel_rows(len(costs), mini_batch_size, dp_size, rank) for rank in range(dp_size)]
+    share = mini_batch_size // dp_size
+    partition: list[list[int]] = [[] for _ in range(dp_size)]
+    for start in range(0, len(costs), mini_batch_size):
+        rows = range(start, min(start + mini_batch_size, len(costs)))
+        load, taken = [0.0] * dp_size, [[] for _ in range(dp_size)]
+        for row in sorted(rows, key=lambda r: (-costs[r], r)):
+            rank = min((r for r in range(dp_size) if len(taken[r]) < share), key=lambda r: (load[r], r))
+            load[rank] += costs[row]
+            taken[rank].append(row)
+        for rank in range(dp_size):
+            partition[rank] += sorted(taken[rank])
+    return partition
+
+
+def cost_imbalance(costs: list[float], partition: list[list[int]], mini_batch_size: int) -> float:
+    """The slowest rank's cost over the mean, summed over mini-batches (the ranks meet at each mini-batch's
+    gradient all-reduce): 1 is perfectly even."""
+    share = mini_batch_size // len(partition)
+    slowest = mean = 0.0
+    for start in range(0, len(partition[0]), share):
+        loads = [sum(costs[row] for row in rows[start : start + share]) for rows in partition]
+        slowest, mean = slowest + max(loads), mean + sum(loads) / len(loads)
+    return slowest / mean if mean else 1.0
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """The batch on ``device`` (the actor's): moved once, before anything combines it with model outputs."""
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
@@ -98,23 +142,32 @@ def padding_aware_micro_batches(
     width_multiple: int = 1,
     uniform_width: bool = False,
     lengths: list[int] | None = None,
+    max_tokens: int = 0,
 ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
     """Micro-batches of samples sorted by length (longest first), each cut to its own longest sample.
 
     ``lengths`` default to ``sample_lengths(batch["loss_mask"])``. Widths are rounded up to ``width_multiple``
     (TP size under sequence parallelism); with ``uniform_width`` every micro-batch gets the longest sample's
-    width (interleaved pipelines). Returns the micro-batches and ``order`` (on the batch's device):
-    micro-batch rows concatenated are ``batch`` rows ``order``.
+    width (interleaved pipelines). ``max_tokens`` > 0 replaces the fixed ``micro_batch_size`` by a token budget:
+    each micro-batch takes as many of the next samples as fit in that many padded tokens (its first, longest
+    sample sets the width; a sample longer than the budget goes alone). Deterministic in the lengths, so the
+    pipeline stages of one replica cut the same micro-batches. Returns the micro-batches and ``order`` (on the
+    batch's device): micro-batch rows concatenated are ``batch`` rows ``order``.
     """
     lengths = sample_lengths(batch["loss_mask"]) if lengths is None else lengths
     ranked = sorted(range(len(lengths)), key=lambda row: -lengths[row])  # stable: ties keep batch order
     order = torch.tensor(ranked, device=batch["loss_mask"].device)
     sorted_batch = {k: v[order] for k, v in batch.items()}
-    micro_batches = []
-    for start in range(0, len(ranked), micro_batch_size):
-        rows = ranked if uniform_width else ranked[start : start + micro_batch_size]
-        width = -(-max(lengths[row] for row in rows) // width_multiple) * width_multiple
-        micro_batches.append({k: _fit_width(v[start : start + micro_batch_size], width) for k, v in sorted_batch.items()})
+
+    def padded(length: int) -> int:
+        return -(-length // width_multiple) * width_multiple
+
+    micro_batches, start = [], 0
+    while start < len(ranked):
+        width = padded(lengths[ranked[0]] if uniform_width else lengths[ranked[start]])
+        count = max(1, max_tokens // width) if max_tokens else micro_batch_size
+        micro_batches.append({k: _fit_width(v[start : start + count], width) for k, v in sorted_batch.items()})
+        start += count
     return micro_batches, order
 
 

@@ -83,6 +83,14 @@ class ParallelConfig:
     expert_tensor_parallel_size: int | None = option(None, "ETP (MoE): ranks sharing each expert's matrices; null: = TP")
     use_distributed_optimizer: bool = option(False, "optimizer state and fp32 master weights sharded over DP")
     micro_batch_size: int = option(8, "samples per micro-batch (sorted by length, cut to the longest)")
+    max_tokens_per_micro_batch: int = option(
+        0, "token budget: length-sorted samples packed into micro-batches of at most this many padded tokens (a "
+        "longer sample alone); 0: micro_batch_size samples each"
+    )
+    balance_data: bool = option(
+        True, "assign each mini-batch's samples to data-parallel ranks evening out the estimated training cost "
+        "(tokens + attention); false: consecutive slices"
+    )
     recompute_granularity: Literal["none", "full", "selective"] = option(
         "none", "activation recompute: none | full (each layer keeps only its input) | selective (core attention)"
     )
@@ -130,6 +138,10 @@ class RolloutConfig:
         "streaming", "dynamic sampling as a stream of groups, or in rounds of algorithm.gen_batch_size prompts"
     )
     groups_in_flight: int = option(0, "streaming: groups submitted across all engines at a time; 0: train_batch_size")
+    continuous_feeding: bool = option(
+        True, "streaming: each engine host refills its share of groups_in_flight as each group completes, without "
+        "waiting for the other engines; false: lock-step ticks across the job"
+    )
     sglang_mem_fraction: float = option(0.6, "SGLang's mem_fraction_static (weights + KV cache share of the GPU)")
     sglang_deterministic: bool = option(
         False, "SGLang deterministic inference: per-request sampling seeds, samples independent of the engine count; "
@@ -349,7 +361,7 @@ _NON_NEGATIVE = (
     "trainer.eval_interval", "trainer.stall_timeout_s", "optimizer.min_lr",
     "optimizer.lr_warmup_steps", "optimizer.weight_decay", "algorithm.kl_coef", "algorithm.moe_aux_loss_coef", "algorithm.overlong_penalty_factor",
     "rollout.weight_sync_bucket_mb", "rollout.groups_in_flight", "reward.num_workers", "toy_model.sft_steps",
-    "data.toy_num_val", "logging.rollout_dump_interval",
+    "data.toy_num_val", "logging.rollout_dump_interval", "parallel.max_tokens_per_micro_batch",
 )
 _POSITIVE = (
     "optimizer.lr", "rollout.temperature", "rollout.val_temperature", "optimizer.clip_grad", "optimizer.adam_eps",
@@ -416,6 +428,17 @@ def _validate_ranges(config: DapoConfig) -> None:
     vpp = config.parallel.virtual_pipeline_model_parallel_size
     if vpp is not None and vpp < 1:
         raise ConfigError(f"parallel.virtual_pipeline_model_parallel_size={vpp} must be at least 1, or null")
+    budget = config.parallel.max_tokens_per_micro_batch
+    if budget and max_prompt is not None and budget < max_prompt + 1:
+        raise ConfigError(
+            f"parallel.max_tokens_per_micro_batch={budget} is smaller than data.max_prompt_length + 1 = "
+            f"{max_prompt + 1} (the shortest sample that could be its longest); raise it, or 0 for micro_batch_size"
+        )
+    if budget and vpp is not None and vpp > 1:
+        raise ConfigError(
+            "parallel.max_tokens_per_micro_batch: the interleaved pipeline (parallel.virtual_pipeline_model_parallel_size "
+            "> 1) needs every micro-batch of one shape; set max_tokens_per_micro_batch=0 or the virtual size to null"
+        )
 
 
 def _coerce(value: object, annotation: object, key: str) -> object:

@@ -49,6 +49,14 @@ def _this_attempts_store(timeout: timedelta) -> dist.Store:
     return dist.PrefixStore(f"megatron_dapo/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
+def job_store(prefix: str) -> dist.Store:
+    """A key-value store every rank of the job reaches without a collective: the default process group's own
+    (torchrun's agent store, the ``tcp://`` or ``file://`` rendezvous store), under ``prefix``. torch has no
+    public accessor; ``_get_default_store`` is what ``distributed_c10d.new_group`` itself uses (torch 2.13
+    ``distributed/distributed_c10d.py``)."""
+    return dist.PrefixStore(prefix, dist.distributed_c10d._get_default_store())
+
+
 def initialize_process_group(timeout_minutes: int = 30) -> None:
     """Join the job (torchrun/srun set ``RANK`` etc.), or create a one-process world under plain ``python``.
 

@@ -77,10 +77,16 @@ def fit_prompts(
     engine would fail on it mid-run, after hours of work.
     """
     data, max_response = config.data, config.rollout.max_response_length
+    budget = config.parallel.max_tokens_per_micro_batch
     kept = []
     for index, record in enumerate(records):
         length = len(encode_prompt(tokenizer, record))
         where = f"{what}: prompt {index} ({record.messages[-1].get('content', '')[:40]!r}...)"
+        if budget and length + 1 > budget and data.max_prompt_length is None:
+            raise PromptTooLongError(
+                f"{where} has {length} tokens; parallel.max_tokens_per_micro_batch={budget} must be at least the "
+                "longest prompt + 1: raise it (or set data.max_prompt_length with data.overlong_prompt=drop)"
+            )
         if data.max_prompt_length is None:
             if length + max_response > max_positions:
                 raise PromptTooLongError(

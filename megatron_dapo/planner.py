@@ -335,7 +335,7 @@ class ActivationShape:
     """What one micro-batch's activations depend on, besides the model."""
 
     seq: int
-    micro_batch: int
+    micro_batch: float  # samples of ``seq`` tokens; a token budget of T tokens: T / seq (full-length samples)
     tp: int
     sequence_parallel: bool
     dtype_bytes: int
@@ -350,7 +350,7 @@ class ActivationShape:
 
     @property
     def tokens(self) -> int:
-        return self.seq * self.micro_batch
+        return math.ceil(self.seq * self.micro_batch)
 
     @property
     def sequence_shards(self) -> int:
@@ -397,7 +397,7 @@ def layer_activation_bytes(dims: ModelDims, shape: ActivationShape, recompute: s
         mlp = moe_mlp_bytes(dims, shape, local_tokens)
     else:
         mlp = tokens * d * 5 * (dims.ffn // tp)  # fc1 output (gate|up), up + offset, silu(gate), product
-    return norms + rope + core + context + qk_norms + mlp
+    return math.ceil(norms + rope + core + context + qk_norms + mlp)  # a token budget's micro-batch is fractional
 
 
 def qk_norm_bytes(dims: ModelDims, shape: ActivationShape, tokens: int, heads: int, groups: int) -> int:
@@ -465,7 +465,7 @@ def global_buffer_bytes(dims: ModelDims, shape: ActivationShape) -> int:
     sizes = [shape.tokens * dims.hidden if shape.sequence_shards > 1 else 0]
     if not shape.flash:
         sizes.append(shape.micro_batch * dims.heads // shape.tp * shape.seq * shape.seq)
-    return max(sizes) * shape.dtype_bytes
+    return math.ceil(max(sizes) * shape.dtype_bytes)
 
 
 def in_flight_micro_batches(pp: int, vpp: int | None, pp_rank: int, num_micro_batches: int) -> int:
@@ -648,11 +648,16 @@ def plan_memory(config: DapoConfig, hf_config: PretrainedConfig, cluster: Cluste
     dp = cluster.world_size // (tp * pp)
     if par.sequence_parallel and tp > 1:
         seq = math.ceil(seq / tp) * tp  # micro-batches are cut to a multiple of TP under sequence parallelism
+    budget, local_samples = par.max_tokens_per_micro_batch, config.algorithm.mini_batch_size // dp
+    # a token budget's largest micro-batch: the budget's tokens (attention's s² terms at full-length samples, the
+    # worst case for that many tokens), or one full-length sample when that exceeds the budget
+    micro_batch = max(1.0, budget / seq) if budget else par.micro_batch_size
     shape = ActivationShape(
-        seq, par.micro_batch_size, tp, par.sequence_parallel, BF16 if model.bf16 else FP32, options.layer_spec,
+        seq, micro_batch, tp, par.sequence_parallel, BF16 if model.bf16 else FP32, options.layer_spec,
         par.recompute_granularity, par.expert_tensor_parallel_size,
     )
-    num_micro_batches = config.algorithm.mini_batch_size // (par.micro_batch_size * dp)
+    samples_per_micro_batch = max(1, budget // seq) if budget else par.micro_batch_size
+    num_micro_batches = math.ceil(local_samples / samples_per_micro_batch)
     chunks = vpp or 1
     chunk_layers = dims.layers // (pp * chunks)
     kl = config.algorithm.kl_coef > 0
@@ -734,7 +739,9 @@ def _train_knob(consumer: str, plan: Plan) -> str:
     if consumer == "activations":
         if par.recompute_granularity != "full":
             return "set parallel.recompute_granularity=full"
-        if par.micro_batch_size > 1:
+        if par.max_tokens_per_micro_batch > plan.seq:
+            return "lower parallel.max_tokens_per_micro_batch"
+        if par.micro_batch_size > 1 and not par.max_tokens_per_micro_batch:
             return "lower parallel.micro_batch_size"
         if tp > 1 and not par.sequence_parallel:
             return "set parallel.sequence_parallel=true"
@@ -767,7 +774,9 @@ def format_report(plan: Plan) -> str:
         layout.append("sequence parallel")
     layout.append("distributed optimizer" if par.use_distributed_optimizer else "replicated optimizer")
     attention = "flash attention" if shape.flash else "unfused attention, scores saved"
-    layout += [f"micro-batch {par.micro_batch_size}", f"recompute {par.recompute_granularity}"]
+    budget = par.max_tokens_per_micro_batch
+    layout += [f"micro-batch {budget} tokens" if budget else f"micro-batch {par.micro_batch_size}",
+               f"recompute {par.recompute_granularity}"]
     lines = [
         f"model: {dims.parameter_count():,} parameters, {dims.layers} layers, hidden {dims.hidden}, FFN {dims.ffn}, "
         f"{dims.heads} heads / {dims.kv_heads} KV, vocabulary {dims.vocab}{' (tied)' if dims.tied else ''}",

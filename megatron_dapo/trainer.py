@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from megatron_dapo.actor.actor import MegatronActor
 from megatron_dapo.algorithm import truncated_is_weights
-from megatron_dapo.batch import build_training_batch, data_parallel_rows, split_batch, to_device
+from megatron_dapo.batch import build_training_batch, cost_imbalance, data_parallel_partition, sample_cost, split_batch, to_device
 from megatron_dapo.checkpointing import remove_old_checkpoints
 from megatron_dapo.weights.checkpoint_reader import CHECKPOINT_FAILURES, newest_resumable, saved_iterations, strict_resume_refusal
 from megatron_dapo.config import DapoConfig, config_to_dict
@@ -277,11 +277,18 @@ def _replica_sums(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def _token_metrics(job: Job, step_rollout, old_logprobs, rollout_logprobs, entropy, mask) -> dict[str, float]:
+def _step_partition(job: Job, step_rollout) -> tuple[list[list[int]], float]:
+    """The step's samples by data-parallel rank (``parallel.balance_data``) and the estimated cost imbalance."""
+    hidden = job.actor.hf_config.hidden_size
+    costs = [sample_cost(length, hidden) for length in job.rollout.sample_lengths(step_rollout)]
+    mini_batch = job.config.algorithm.mini_batch_size
+    partition = data_parallel_partition(costs, mini_batch, job.dp_size, job.config.parallel.balance_data)
+    return partition, cost_imbalance(costs, partition, mini_batch)
+
+
+def _token_metrics(job: Job, step_rollout, rows, old_logprobs, rollout_logprobs, entropy, mask) -> dict[str, float]:
     """Per-token means over the whole step; the engine-vs-actor log-prob gap per engine, the worst reported."""
     engines = job.placement.num_engines
-    rows = data_parallel_rows(len(step_rollout.kept) * job.config.rollout.n, job.config.algorithm.mini_batch_size,
-                              job.dp_size, parallel_state.get_data_parallel_rank())
     engine_of_row = [step_rollout.summaries[step_rollout.kept[row // job.config.rollout.n]].engine for row in rows]
     one_hot = torch.nn.functional.one_hot(torch.tensor(engine_of_row, device=mask.device), engines).to(mask.dtype)
     gap = ((old_logprobs - rollout_logprobs).abs() * mask).sum(dim=1)
@@ -309,7 +316,9 @@ def train_step(job: Job, step: int) -> dict[str, float]:
         dump_interval = job.config.logging.rollout_dump_interval
         if dump_interval > 0 and step % dump_interval == 0:
             job.dump_rollouts(step, step_rollout)
-        samples = job.rollout.local_training_samples(step_rollout, alg.mini_batch_size, job.dp_size)
+        partition, metrics["perf/dp_cost_imbalance"] = _step_partition(job, step_rollout)
+        rows = partition[parallel_state.get_data_parallel_rank()]
+        samples = job.rollout.local_training_samples(step_rollout, partition)
         batch = to_device(build_training_batch(samples, job.tokenizer.pad_token_id, alg.overlong_filtering), actor.device)
         rollout_logprobs, mask = batch.pop("rollout_logprobs"), batch["loss_mask"]
         with timed(metrics, "old_logprob"):
@@ -320,7 +329,7 @@ def train_step(job: Job, step: int) -> dict[str, float]:
         batch["old_logprobs"] = old_logprobs
         if alg.tis_cap is not None:
             batch["rollout_is_weights"] = truncated_is_weights(old_logprobs, rollout_logprobs, alg.tis_cap)
-        metrics.update(_token_metrics(job, step_rollout, old_logprobs, rollout_logprobs, entropy, mask))
+        metrics.update(_token_metrics(job, step_rollout, rows, old_logprobs, rollout_logprobs, entropy, mask))
         with timed(metrics, "train"):
             updates = [
                 actor.train_step(mini_batch)

@@ -3,7 +3,7 @@
 Batches are dicts of ``[batch, seq]`` tensors in *label coordinates*: position t holds the token predicted
 at t (``labels``), its mask (``loss_mask``: response tokens to train on), ``old_logprobs``, ``advantages``
 and optionally ``rollout_is_weights`` and ``ref_logprobs``. Each rank passes its data-parallel replica's
-share (``batch.data_parallel_rows``); the ranks of one replica pass the same one.
+share (``batch.data_parallel_partition``); the ranks of one replica pass the same one.
 
 Loss normalisation follows Megatron's per-token contract: each micro-batch's loss function returns
 ``(loss_numerator, count, metrics)``; Megatron sums numerators' gradients over micro-batches and DP ranks and
@@ -311,7 +311,9 @@ class MegatronActor:
         """
         multiple = parallel_state.get_tensor_model_parallel_world_size() if self.transformer_config.sequence_parallel else 1
         uniform = len(self.model_chunks) > 1
-        return padding_aware_micro_batches(batch, self.parallel.micro_batch_size, multiple, uniform)
+        return padding_aware_micro_batches(
+            batch, self.parallel.micro_batch_size, multiple, uniform, max_tokens=self.parallel.max_tokens_per_micro_batch
+        )
 
     def _run_schedule(self, chunks: list[torch.nn.Module], micro: list[Batch], loss_func, forward_only: bool) -> list[dict]:
         """Megatron's forward/backward schedule (1F1B under PP, interleaved with model chunks) over ``micro``;
@@ -334,7 +336,7 @@ class MegatronActor:
             model=chunks,
             num_microbatches=len(micro),
             seq_length=max(m["input_ids"].shape[1] for m in micro),
-            micro_batch_size=self.parallel.micro_batch_size,
+            micro_batch_size=max(m["input_ids"].shape[0] for m in micro),  # shapes vary: PP sends them first
             forward_only=forward_only,
         )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Iterable
+from typing import Callable, ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ class RolloutEngine(ABC):
     """
 
     weight_dtype: ClassVar[torch.dtype]
+    abort_requested: Callable[[], bool] | None = None
 
     @abstractmethod
     def submit(self, requests: list[GroupRequest]) -> None:
@@ -56,6 +57,12 @@ class RolloutEngine(ABC):
     def collect(self) -> dict[int, list[RolloutSample]]:
         """Groups completed since the last call, by key: at least one while any is in flight (an in-process
         engine generates everything submitted, as one batch)."""
+
+    def watch_for_abort(self, requested: Callable[[], bool] | None) -> None:
+        """While set, an in-process engine generating a batch polls ``requested`` between tokens and gives the
+        batch up when it returns true (the groups stay queued for ``abort``): the step is decided and another
+        host waits for this one. An asynchronous engine (SGLang) ignores it: ``abort`` reaches it at once."""
+        self.abort_requested = requested
 
     @abstractmethod
     def abort(self) -> int:

@@ -1,10 +1,7 @@
 """A step's rollout across every engine of the job, and delivering its samples to the ranks that train them.
 
-Every rank runs the same loop, in *ticks*. Each tick, every rank plans the same way which new prompts to
-draw from its copy of the sampler and which engine gets each; engine hosts submit theirs, collect what has
-completed (an in-process CPU engine: everything submitted), score it where it was generated and share a small
-summary of each group with every rank (one ``all_gather_object``). From the same summaries every rank takes
-the same decision — so no rank coordinates the others and nothing but summaries travels until the end:
+Every rank takes the same decision from the same group summaries — so no rank coordinates the others and
+nothing but summaries travels until the end:
 
 - **Kept in sampler order.** The training groups are the first ``train_batch_size`` qualifying groups (raw
   accuracy strictly between 0 and 1, when ``algorithm.dynamic_sampling``) in the order the sampler drew them,
@@ -16,11 +13,20 @@ the same decision — so no rank coordinates the others and nothing but summarie
 - **rounds**: ``algorithm.gen_batch_size`` prompts at a time, all completed before deciding; everything drawn is
   used up (the behaviour before streaming, kept for comparison).
 
+Two feeding protocols. **Continuous** (streaming with ``rollout.continuous_feeding``, the default): each engine
+host keeps its share of ``groups_in_flight`` submitted, claiming the next draw position from a counter in the
+job's key-value store the moment a group completes, scores it where it was generated and publishes its summary
+in the store; hosts read each other's summaries from it, the first to see the step decided says so there, and
+one ``all_gather_object`` at the end gives every rank every summary. No host waits for another's group.
+**Ticks** (rounds, or ``continuous_feeding=false``): each tick every rank plans the same new assignments from
+its copy of the sampler, hosts submit theirs and wait for one of *their own* groups, then every rank learns
+every new summary (one ``all_gather_object``), so an engine that finished early waits for the slowest.
+
 A group's samples depend only on ``trainer.seed``, the step, the group's position in the draw order and the
 weights (``base.group_seed``), so the decision, the kept groups and every metric but the timing-dependent
-``sampling/generated_*``, ``sampling/wasted_token_frac`` and ``sampling/aborted_groups`` are the same whatever
-the number of engines. ``algorithm.max_num_gen_batches`` bounds the groups drawn per step (in units of
-``gen_batch_size``).
+``sampling/generated_*``, ``sampling/wasted_token_frac``, ``sampling/aborted_groups`` and
+``rollout/engine_idle_frac`` are the same whatever the number of engines and the protocol.
+``algorithm.max_num_gen_batches`` bounds the groups drawn per step (in units of ``gen_batch_size``).
 
 Samples then go from the engine hosts straight to the data-parallel ranks that train them, as tensors; no rank
 receives the whole step's samples.
@@ -29,6 +35,7 @@ receives the whole step's samples.
 from __future__ import annotations
 
 import math
+import pickle
 import time
 from dataclasses import dataclass, field
 
@@ -37,9 +44,10 @@ import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
 from megatron_dapo.algorithm import dynamic_sampling_keep, overlong_penalty
-from megatron_dapo.batch import data_parallel_rows, training_samples
+from megatron_dapo.batch import training_samples
 from megatron_dapo.config import AlgorithmConfig, RolloutConfig
 from megatron_dapo.data import PromptRecord, PromptSampler
+from megatron_dapo.distributed import job_store
 from megatron_dapo.errors import UserError
 from megatron_dapo.reward import RewardScorer
 from megatron_dapo.rollout.base import EVAL_DRAW, TRAIN_DRAW, GroupRequest, RolloutEngine, group_seed
@@ -74,6 +82,7 @@ class GroupSummary:
     truncated: int
     no_answer: int
     timeouts: int
+    prompt_length: int  # tokens: with ``lengths``, what the data-parallel partition balances
 
     def qualifies(self, dynamic_sampling: bool) -> bool:
         return not dynamic_sampling or bool(dynamic_sampling_keep(torch.tensor([self.acc]))[0])
@@ -103,6 +112,43 @@ class StepRollout:
     records: dict[int, PromptRecord] = field(default_factory=dict)  # the kept groups' problems, by position
 
 
+@dataclass
+class _Generation:
+    """What a feeding protocol leaves: draws by position, every rank's summaries, this host's groups, counts and
+    this host's times (engine under-filled, generating, scoring)."""
+
+    drawn: list[int] = field(default_factory=list)
+    summaries: dict[int, GroupSummary] = field(default_factory=dict)
+    groups: dict[int, Group] = field(default_factory=dict)
+    rounds: int = 0
+    aborted: int = 0
+    reward_seconds: float = 0.0
+    idle_seconds: float = 0.0
+    seconds: float = 0.0
+
+
+class _IdleClock:
+    """How long an engine host had fewer groups submitted than its share: from the moment completed groups left
+    its engine until it refilled it (or the generation ended), over the whole generation."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.idle, self.emptied_at = 0.0, None
+
+    def emptied(self) -> None:
+        if self.emptied_at is None:
+            self.emptied_at = time.perf_counter()
+
+    def refilled(self) -> None:
+        if self.emptied_at is not None:
+            self.idle += time.perf_counter() - self.emptied_at
+            self.emptied_at = None
+
+    def stop(self) -> tuple[float, float]:
+        self.refilled()
+        return self.idle, time.perf_counter() - self.start
+
+
 class JobRollout:
     """The job's engines generating steps and evaluations (collective: every rank calls each method)."""
 
@@ -124,6 +170,7 @@ class JobRollout:
         self.my_engine = placement.engine_of(self.rank)
         self.is_host = self.rank == placement.hosts[self.my_engine]
         self.control = dist.new_group(backend="gloo")  # host-side objects and tensors, on CPU and GPU alike
+        self.generations = 0  # generate_step calls so far: names each one's keys in the job store
 
     # ------------------------------------------------------------------ generating a step
     def _request(self, record: PromptRecord, key: int, draw: int, step: int) -> GroupRequest:
@@ -153,7 +200,7 @@ class JobRollout:
             summary = GroupSummary(key, self.my_engine, acc, rewards.tolist(), lengths,
                                    sum(s.finish_reason == "length" for s in samples),
                                    sum(score["pred"] is None for score in group_scores),
-                                   sum(score["timed_out"] for score in group_scores))
+                                   sum(score["timed_out"] for score in group_scores), len(prompts[key]))
             scored.append((Group(prompts[key], samples, acc, rewards.tolist()), summary))
         return scored
 
@@ -184,15 +231,39 @@ class JobRollout:
         alg, ro = self.algorithm, self.rollout
         streaming = ro.sampling_mode == "streaming"
         limit = alg.max_num_gen_batches * alg.gen_batch_size if alg.max_num_gen_batches > 0 else math.inf
-        drawn: list[int] = []  # prompt index by position
+        start = time.perf_counter()
+        feed = self._feed_continuously if streaming and ro.continuous_feeding else self._feed_in_ticks
+        generation = feed(records, sampler, step, limit)
+        summaries, drawn = generation.summaries, generation.drawn
+        cutoff = training_cutoff(summaries, len(drawn), alg.train_batch_size, alg.dynamic_sampling)
+        if cutoff is None:
+            raise self._starvation(summaries, len(drawn))
+        consumed = range(cutoff + 1) if streaming else range(len(drawn))
+        if streaming:  # drawn, neither trained nor filtered out: first again next step
+            sampler.give_back([drawn[p] for p in range(cutoff + 1, len(drawn))])
+        kept = [p for p in range(cutoff + 1) if summaries[p].qualifies(alg.dynamic_sampling)]
+        metrics = self._metrics(summaries, consumed, kept, generation.rounds, generation.aborted, time.perf_counter() - start)
+        host_times = self._gather((generation.reward_seconds, generation.idle_seconds, generation.seconds))
+        metrics["timing/reward"] = max(reward for reward, _, _ in host_times)
+        busy = sum(seconds for _, _, seconds in host_times)
+        metrics["rollout/engine_idle_frac"] = sum(idle for _, idle, _ in host_times) / busy if busy else 0.0
+        return StepRollout(kept, summaries, {p: g for p, g in generation.groups.items() if p in kept}, metrics,
+                           {p: records[drawn[p]] for p in kept})
+
+    def _feed_in_ticks(self, records: list[PromptRecord], sampler: PromptSampler, step: int, limit: float) -> "_Generation":
+        """The lock-step protocol (``rollout.continuous_feeding=false``, and rounds): each tick every rank plans
+        the same new assignments, hosts submit theirs and wait for one of their own groups, then every rank
+        learns every new summary (one ``all_gather_object``)."""
+        alg, ro = self.algorithm, self.rollout
+        streaming = ro.sampling_mode == "streaming"
+        generation = _Generation()
+        drawn, summaries = generation.drawn, generation.summaries
         in_flight: list[set[int]] = [set() for _ in range(self.placement.num_engines)]
-        summaries: dict[int, GroupSummary] = {}
-        groups: dict[int, Group] = {}
         prompts: dict[int, list[int]] = {}  # prompt token ids of the groups this rank's engine was given
-        rounds, reward_seconds, start = 0, 0.0, time.perf_counter()
+        clock = _IdleClock()
         while True:
             assigned = self._plan(drawn, in_flight, sampler, limit)
-            rounds += bool(assigned) and not streaming
+            generation.rounds += bool(assigned) and not streaming
             for position, engine in assigned:
                 in_flight[engine].add(position)
             news: list[GroupSummary] = []
@@ -200,33 +271,111 @@ class JobRollout:
                 requests = [self._request(records[drawn[p]], p, TRAIN_DRAW, step) for p, e in assigned if e == self.my_engine]
                 prompts.update({request.key: request.prompt_ids for request in requests})
                 self.engine.submit(requests)
+                if requests:
+                    clock.refilled()
                 completed = self.engine.collect() if in_flight[self.my_engine] else {}
-                scoring_start = time.perf_counter()
-                for group, summary in self._score(completed, {p: records[drawn[p]] for p in completed}, prompts):
-                    groups[summary.position] = group
-                    news.append(summary)
-                reward_seconds += time.perf_counter() - scoring_start
+                if completed:
+                    clock.emptied()
+                news = self._score_into(generation, completed, records, prompts)
             for host_news in self._gather(news):
                 for summary in host_news:
                     summaries[summary.position] = summary
                     in_flight[summary.engine].discard(summary.position)
             cutoff = training_cutoff(summaries, len(drawn), alg.train_batch_size, alg.dynamic_sampling)
             idle = not any(in_flight)
-            if cutoff is not None and (streaming or idle):
+            if (cutoff is not None and (streaming or idle)) or (idle and len(drawn) >= limit):
                 break
-            if idle and (len(drawn) >= limit):
-                raise self._starvation(summaries, len(drawn))
-        aborted = sum(len(positions) for positions in in_flight)
+        generation.aborted = sum(len(positions) for positions in in_flight)
         if self.is_host:
             self.engine.abort()
-        consumed = range(cutoff + 1) if streaming else range(len(drawn))
-        if streaming:  # drawn, neither trained nor filtered out: first again next step
-            sampler.give_back([drawn[p] for p in range(cutoff + 1, len(drawn))])
-        kept = [p for p in range(cutoff + 1) if summaries[p].qualifies(alg.dynamic_sampling)]
-        metrics = self._metrics(summaries, consumed, kept, rounds, aborted, time.perf_counter() - start)
-        metrics["timing/reward"] = max(self._gather(reward_seconds))
-        return StepRollout(kept, summaries, {p: g for p, g in groups.items() if p in kept}, metrics,
-                           {p: records[drawn[p]] for p in kept})
+            generation.idle_seconds, generation.seconds = clock.stop()
+        return generation
+
+    def _feed_continuously(self, records: list[PromptRecord], sampler: PromptSampler, step: int, limit: float) -> "_Generation":
+        """Streaming without ticks: each host claims the next draw position from a job-wide counter whenever its
+        engine has room and refills at once, publishes each scored group's summary in the job's store and reads
+        the others' from it; no collective runs until the step is decided. Positions, seeds, the cutoff and what
+        goes back to the sampler are those of the tick protocol: they depend on draw positions, not on which
+        engine claimed them when."""
+        alg, ro = self.algorithm, self.rollout
+        store = job_store(f"megatron_dapo/rollout/{self.generations}/")
+        self.generations += 1
+        generation = _Generation()
+        drawn, summaries = generation.drawn, generation.summaries
+        capacity = math.ceil((ro.groups_in_flight or alg.train_batch_size) / self.placement.num_engines)
+        if self.is_host:
+            in_flight: set[int] = set()
+            prompts: dict[int, list[int]] = {}
+            published: list[int] = []
+            known = 0  # every position below it has its summary here
+            clock = _IdleClock()
+            self.engine.watch_for_abort(lambda: store.check(["stop"]))
+            while True:
+                requests = []
+                while len(in_flight) < capacity:
+                    position = store.add("claimed", 1) - 1
+                    if position >= limit:
+                        break
+                    while len(drawn) <= position:
+                        drawn.extend(sampler.next_indices(1))
+                    requests.append(self._request(records[drawn[position]], position, TRAIN_DRAW, step))
+                    in_flight.add(position)
+                if requests:
+                    prompts.update({request.key: request.prompt_ids for request in requests})
+                    self.engine.submit(requests)
+                    clock.refilled()
+                completed = self.engine.collect() if in_flight else {}
+                if completed:
+                    clock.emptied()
+                for summary in self._score_into(generation, completed, records, prompts):
+                    summaries[summary.position] = summary
+                    in_flight.discard(summary.position)
+                    store.set(f"summary/{summary.position}", pickle.dumps(summary))
+                    published.append(summary.position)
+                claimed = min(store.add("claimed", 0), limit)
+                while known < claimed and (known in summaries or store.check([f"summary/{known}"])):
+                    summaries.setdefault(known, pickle.loads(store.get(f"summary/{known}")))
+                    known += 1
+                decided = training_cutoff(summaries, claimed, alg.train_batch_size, alg.dynamic_sampling) is not None
+                if decided or (known >= claimed and claimed >= limit):  # decided, or starved
+                    store.set("stop", b"1")
+                if store.check(["stop"]):
+                    break
+                if not in_flight:
+                    time.sleep(0.01)  # nothing left to claim: wait for the others' groups
+            self.engine.watch_for_abort(None)
+            generation.aborted = self.engine.abort()
+            generation.idle_seconds, generation.seconds = clock.stop()
+        else:
+            while not store.check(["stop"]):
+                time.sleep(0.05)
+        for host_news in self._gather([s for s in summaries.values() if s.engine == self.my_engine] if self.is_host else []):
+            for summary in host_news:
+                summaries[summary.position] = summary
+        total = min(store.add("claimed", 0), limit)
+        while len(drawn) < total:  # every rank's sampler copy ends where the job's draws did
+            drawn.extend(sampler.next_indices(1))
+        generation.aborted = sum(self._gather(generation.aborted))
+        self._gather(None)  # every rank is past its last store read: the keys can go
+        if self.is_host:
+            for position in published:
+                store.delete_key(f"summary/{position}")
+        if self.rank == 0:
+            store.delete_key("claimed")
+            store.delete_key("stop")
+        return generation
+
+    def _score_into(self, generation: "_Generation", completed: dict[int, list[RolloutSample]],
+                    records: list[PromptRecord], prompts: dict[int, list[int]]) -> list[GroupSummary]:
+        """Score this host's completed groups, keep them in ``generation``; their summaries."""
+        start = time.perf_counter()
+        drawn = generation.drawn
+        news = []
+        for group, summary in self._score(completed, {p: records[drawn[p]] for p in completed}, prompts):
+            generation.groups[summary.position] = group
+            news.append(summary)
+        generation.reward_seconds += time.perf_counter() - start
+        return news
 
     def kept_responses(self, step_rollout: StepRollout) -> dict[int, list[tuple[str, str]]]:
         """The kept groups' responses as text (decoded as the reward function read them) with their finish
@@ -291,13 +440,19 @@ class JobRollout:
         }
 
     # ------------------------------------------------------------------ samples to the ranks that train them
-    def local_training_samples(self, step_rollout: StepRollout, mini_batch_size: int, dp_size: int) -> list[TrainingSample]:
-        """This rank's data-parallel share of the step's samples (``data_parallel_rows`` of the kept groups,
-        group-major, in draw order), sent as tensors by the engine hosts that hold them."""
+    def sample_lengths(self, step_rollout: StepRollout) -> list[int]:
+        """Prompt + response tokens of each of the step's samples (kept groups, group-major, in draw order)."""
+        summaries = [step_rollout.summaries[p] for p in step_rollout.kept]
+        return [s.prompt_length + length for s in summaries for length in s.lengths]
+
+    def local_training_samples(self, step_rollout: StepRollout, partition: list[list[int]]) -> list[TrainingSample]:
+        """This rank's data-parallel share of the step's samples (its rows of ``partition``, by data-parallel rank,
+        rows numbering the kept groups' samples group-major in draw order), sent as tensors by the engine hosts
+        that hold them."""
         n = self.rollout.n
         num_samples = len(step_rollout.kept) * n
         host_of_row = [self.placement.hosts[step_rollout.summaries[p].engine] for p in step_rollout.kept for _ in range(n)]
-        rows_of = {d: data_parallel_rows(num_samples, mini_batch_size, dp_size, d) for d in range(dp_size)}
+        rows_of = dict(enumerate(partition))
         mine = rows_of[self.data_parallel_rank_of[self.rank]]
         by_row: dict[int, TrainingSample] = {}
         if self.is_host:

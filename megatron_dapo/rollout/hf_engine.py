@@ -9,8 +9,9 @@ the top-p nucleus — what SGLang reports too (docs/pitfalls.md, 3). Weight upda
 
 from __future__ import annotations
 
+import time
 from itertools import groupby
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from transformers import (
@@ -20,6 +21,8 @@ from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
     PreTrainedModel,
+    StoppingCriteria,
+    StoppingCriteriaList,
 )
 
 from megatron_dapo.errors import different_models
@@ -91,6 +94,20 @@ class _RouteRecorder:
         return torch.stack([torch.cat(calls, dim=1) for calls in self.calls], dim=2)
 
 
+class _AbortWatch(StoppingCriteria):
+    """Ends ``generate`` for every row once ``requested()`` is true, asked at the first token and then at most
+    every 20 ms (a store lookup per token would cost more than a small model's token)."""
+
+    def __init__(self, requested: Callable[[], bool] | None) -> None:
+        self.requested, self.fired, self.asked_at = requested, False, -float("inf")  # asked at the first token
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        if self.requested is not None and not self.fired and time.perf_counter() - self.asked_at > 0.02:
+            self.asked_at = time.perf_counter()
+            self.fired = bool(self.requested())
+        return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
+
+
 class HFRolloutEngine(RolloutEngine):
     """Rollout engine over an in-process ``transformers`` model (fp32, CPU)."""
 
@@ -124,12 +141,18 @@ class HFRolloutEngine(RolloutEngine):
         self.queued += requests
 
     def collect(self) -> dict[int, list[RolloutSample]]:
-        """Generate everything submitted: one batch per sampling setting."""
+        """Generate everything submitted: one batch per sampling setting. A batch given up on request
+        (``watch_for_abort``) stays queued, and is not returned."""
         queued, self.queued = self.queued, []
         results: dict[int, list[RolloutSample]] = {}
         setting = lambda r: (r.temperature, r.top_p, r.max_new_tokens)  # noqa: E731
         for _, batch in groupby(sorted(queued, key=setting), key=setting):
-            results.update(self._generate(list(batch)))
+            requests = list(batch)
+            generated = self._generate(requests)
+            if generated is None:
+                self.queued += requests
+            else:
+                results.update(generated)
         return results
 
     def abort(self) -> int:
@@ -137,17 +160,20 @@ class HFRolloutEngine(RolloutEngine):
         return aborted
 
     @torch.no_grad()
-    def _generate(self, requests: list[GroupRequest]) -> dict[int, list[RolloutSample]]:
+    def _generate(self, requests: list[GroupRequest]) -> dict[int, list[RolloutSample]] | None:
         first = requests[0]
         rows = [request.prompt_ids for request in requests for _ in range(request.n)]
         width = max(map(len, rows))
         input_ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + list(p) for p in rows])
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
         recorder = _RouteRecorder(self._routers, len(rows))
+        stop = _AbortWatch(self.abort_requested)
         try:
-            output = self._sample(requests, input_ids, attention_mask)
+            output = self._sample(requests, input_ids, attention_mask, stop)
         finally:
             recorder.remove()
+        if stop.fired:
+            return None
         routes = recorder.routes()
         new_tokens = output.sequences[:, width:]
         step_logprobs = torch.stack([torch.log_softmax(s.float() / first.temperature, dim=-1) for s in output.logits], dim=1)
@@ -167,13 +193,15 @@ class HFRolloutEngine(RolloutEngine):
             start += request.n
         return results
 
-    def _sample(self, requests: list[GroupRequest], input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def _sample(self, requests: list[GroupRequest], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                stop: "_AbortWatch"):
         first = requests[0]
         return self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             do_sample=False,  # the processor's perturbed scores make greedy search sample
             logits_processor=LogitsProcessorList([SeededSampling(requests, first.temperature, first.top_p)]),
+            stopping_criteria=StoppingCriteriaList([stop]),
             max_new_tokens=first.max_new_tokens,
             pad_token_id=self.pad_token_id,
             eos_token_id=self.eos_token_id,

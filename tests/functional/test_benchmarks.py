@@ -58,3 +58,9 @@ def test_rollout_scaling_benchmark_quick():
 def test_busy_machine_benchmark_quick():
     lines = _run_quick("bench_busy_machine.py")
     assert re.fullmatch(r"passive/default busy_slowdown ratio=\d+\.\d+", lines[-1])
+
+
+def test_dp_balance_benchmark_quick():
+    lines = _run_quick("bench_dp_balance.py")
+    assert re.fullmatch(r"balanced/consecutive max_over_mean_cost ratio=\d+\.\d+", lines[-1])
+    assert any(re.fullmatch(r"balanced/consecutive train_step_seconds ratio=\d+\.\d+", line) for line in lines)

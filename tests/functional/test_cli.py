@@ -16,6 +16,7 @@ REQUIRED_METRICS = [
     "response_length/clip_ratio", "entropy/mean", "prob/mean", "pg_clipfrac/high", "pg_clipfrac/low",
     "sampling/num_gen_batches", "sampling/kept_group_frac", "rollout/train_logprob_abs_diff",
     "timing/generate", "timing/old_logprob", "timing/train", "timing/sync", "timing/step",
+    "perf/dp_cost_imbalance", "rollout/engine_idle_frac",
 ]
 
 
@@ -43,6 +44,8 @@ def test_short_toy_run_writes_metrics_tensorboard_and_hf_export(tmp_path):
         assert all(isinstance(r[key], float) for r in rows), key
     assert all(r["rollout/train_logprob_abs_diff"] < 1e-3 for r in rows)  # sync health
     assert all(0.0 < r["sampling/kept_group_frac"] <= 1.0 for r in rows)
+    assert all(r["perf/dp_cost_imbalance"] == 1.0 for r in rows)  # one data-parallel rank: nothing to balance
+    assert all(0.0 <= r["rollout/engine_idle_frac"] < 1.0 for r in rows)
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

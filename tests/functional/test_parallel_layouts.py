@@ -2,7 +2,9 @@
 DAPO loss and every parameter's gradient equal the single-process, single-batch ``transformers`` reference.
 
 The batch mixes responses of 1 to 37 tokens (the case that breaks per-micro-batch normalisation).
-Each layout is one ``torchrun`` launch of ``workers/layout_worker.py``.
+Each layout is one ``torchrun`` launch of ``workers/layout_worker.py``. Issue 19: the
+data-parallel ranks get the cost-balanced partition (the default; one layout keeps consecutive slices), and
+token-budget micro-batches run under TP2×DP2 with sequence parallelism, PP2×DP2 and DP4: the gradient is the same.
 """
 
 import os
@@ -19,10 +21,12 @@ from ..helpers import ROOT, hf_logprobs, make_tiny_qwen2
 pytestmark = pytest.mark.slow  # multi-process or end-to-end: minutes on 2 cores
 
 LAYOUTS = {
-    "tp2-dp2-sp-fused_linear": ["--tp", "2", "--micro", "2", "--sp", "--loss-impl", "fused_linear"],
-    "pp2-dp2-naive": ["--pp", "2", "--micro", "2", "--loss-impl", "naive"],
+    "tp2-dp2-sp-fused_linear-budget": ["--tp", "2", "--micro", "2", "--sp", "--loss-impl", "fused_linear",
+                                       "--max-tokens", "64"],
+    "pp2-dp2-naive-budget": ["--pp", "2", "--micro", "2", "--loss-impl", "naive", "--max-tokens", "40"],
     "tp2-pp2-fused": ["--tp", "2", "--pp", "2", "--micro", "4"],
-    "pp2-vpp2-dp2-interleaved": ["--pp", "2", "--vpp", "2", "--micro", "2"],
+    "pp2-vpp2-dp2-interleaved-consecutive": ["--pp", "2", "--vpp", "2", "--micro", "2", "--consecutive"],
+    "dp4-budget": ["--micro", "2", "--max-tokens", "48"],
 }
 MODES = ("token-mean", "seq-mean-token-mean")
 TRANSPORTS = ("shared_memory", "collectives")

@@ -3,8 +3,9 @@
 - Parameters, ``main_grad`` buffers and optimizer state: every rank's bytes under TP2×DP2 (+SP), PP2×DP2 and
   TP2×PP2 (4 processes, gloo), bf16 on and off, with and without the distributed optimizer, untied and tied,
   equal the planner's prediction for that rank's pipeline stage and data-parallel shard exactly.
-- The same for a Qwen3-MoE under TP2(SP)×EP2 with ETP1, TP2(SP) with ETP2, PP2×EP2 and EP4: expert buffers
-  (their own, sharded over the expert data-parallel group, when EP > 1) included; activations too (routing is
+- The same for a Qwen3-MoE under TP2(SP)×EP2 with ETP1 (expert data-parallel size 2), TP2(SP) with ETP2 (EP1:
+  experts in the dense buffer) and PP2×EP2 (expert data-parallel size 1): expert buffers (their own, sharded over
+  the expert data-parallel group, when EP > 1) included; activations too (routing is
   not balanced on a random model: the estimate assumes it is).
 - Activations: the bytes the forward saves for backward (``saved_tensors_hooks``, unique storages) against the
   planner's estimate for the local spec, at two sequence lengths, each recompute setting, fp32 and bf16, in one
@@ -34,7 +35,6 @@ LAYOUTS = {
     "moe-tp2-sp-ep2-etp1": ["--models", "moe", "--tp", "2", "--sp", "--ep", "2", "--etp", "1"],
     "moe-tp2-sp-etp2": ["--models", "moe", "--tp", "2", "--sp"],
     "moe-pp2-ep2": ["--models", "moe", "--pp", "2", "--ep", "2"],
-    "moe-ep4": ["--models", "moe", "--ep", "4"],
 }
 NUM_LAYERS = 4
 SEQ = 32

@@ -110,6 +110,21 @@ def test_gpu_configs_choose_throughput_and_score_in_workers():
         assert config.rollout.sglang_deterministic is False and config.reward.num_workers > 0, name
 
 
+def test_gpu_configs_balance_data_parallel_work_pack_by_tokens_and_feed_engines_continuously():
+    for name in ("qwen2.5_32b_dapo.yaml", "qwen2.5_7b_dapo.yaml", "qwen3_30b_a3b_dapo.yaml", "qwen3_235b_a22b_dapo.yaml"):
+        config = load_config(CONFIGS / name)
+        assert config.parallel.balance_data and config.rollout.continuous_feeding, name
+        assert config.parallel.max_tokens_per_micro_batch >= 2048 + config.rollout.max_response_length, name
+
+
+def test_a_token_budget_under_the_interleaved_pipeline_is_refused():
+    config = load_config(CONFIGS / "toy_cpu.yaml", ["parallel.max_tokens_per_micro_batch=512",
+                                                   "parallel.pipeline_model_parallel_size=2",
+                                                   "parallel.virtual_pipeline_model_parallel_size=2"])
+    with pytest.raises(ConfigError, match="interleaved pipeline .* max_tokens_per_micro_batch=0"):
+        config.validate(world_size=2)
+
+
 def test_evaluation_checks_the_engines_not_the_training_layout():
     """``megatron-dapo eval`` of a 128-GPU training config on one 8-GPU node: the engines must fit the node, the
     actor's TP 8 × PP 2 need not divide the world."""
@@ -148,6 +163,9 @@ def test_wandb_without_the_package_names_the_extra(monkeypatch):
         (["optimizer.lr=-1e-5"], "optimizer.lr=-1e-05 must be > 0"),
         (["data.max_prompt_length=0"], "data.max_prompt_length=0 must be at least 1"),
         (["data.overlong_prompt=truncate"], "data.overlong_prompt='truncate' must be one of ['refuse', 'drop']"),
+        (["parallel.max_tokens_per_micro_batch=-8"], "parallel.max_tokens_per_micro_batch=-8 must be >= 0"),
+        (["parallel.max_tokens_per_micro_batch=100", "data.max_prompt_length=128"],
+         "parallel.max_tokens_per_micro_batch=100 is smaller than data.max_prompt_length + 1 = 129"),
     ],
 )
 def test_values_that_can_never_work_are_refused(overrides, message):

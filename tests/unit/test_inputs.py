@@ -46,3 +46,11 @@ def test_without_a_limit_the_longest_prompt_must_leave_room_for_a_response():
     with pytest.raises(ConfigError, match=r"data.val_files: prompt 1 .* \+ rollout.max_response_length=16 exceeds "
                        r"max_position_embeddings=130: set data.max_prompt_length"):
         fit_prompts([SHORT, LONG], tokenizer, _config(), 130, "data.val_files")
+
+
+def test_a_token_budget_below_the_longest_prompt_plus_one_is_refused_naming_the_prompt():
+    tokenizer = build_toy_tokenizer()
+    assert fit_prompts([SHORT, LONG], tokenizer, _config("parallel.max_tokens_per_micro_batch=200"), 256, "x")[1] == 0
+    with pytest.raises(ConfigError, match=r"x: prompt 1 .* has 1\d\d tokens; parallel.max_tokens_per_micro_batch=100 "
+                       r"must be at least the longest prompt \+ 1"):
+        fit_prompts([SHORT, LONG], tokenizer, _config("parallel.max_tokens_per_micro_batch=100"), 256, "x")

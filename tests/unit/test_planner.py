@@ -18,6 +18,7 @@ from megatron_dapo.config import load_config
 from megatron_dapo.planner import (
     ActivationShape,
     BufferLayout,
+    Cluster,
     ModelDims,
     Param,
     buffer_layout,
@@ -26,6 +27,8 @@ from megatron_dapo.planner import (
     layer_activation_bytes,
     loss_op_bytes,
     micro_batch_activation_bytes,
+    PlanOptions,
+    plan_memory,
     rank_state_bytes,
     sglang_weight_bytes,
 )
@@ -208,7 +211,8 @@ def test_7b_plan_fits(capsys):
     "extra, knob",
     [
         # too little memory: the biggest consumer's knob
-        (["parallel.recompute_granularity=none", "parallel.micro_batch_size=2"], "parallel.recompute_granularity=full"),
+        (["parallel.recompute_granularity=none", "parallel.max_tokens_per_micro_batch=0", "parallel.micro_batch_size=2"],
+         "parallel.recompute_granularity=full"),
         (["model.loss_impl=naive"], "model.loss_impl=fused_linear"),
         (["--gpu-memory-gib", "30", "parallel.use_distributed_optimizer=false"], "parallel.use_distributed_optimizer=true"),
         (["model.offload_during_rollout=false", "rollout.sglang_mem_fraction=0.85"], "model.offload_during_rollout=true"),
@@ -290,3 +294,25 @@ def test_qwen3_moe_plans_fit(capsys, config, nodes, model, params):
     assert code == 0, err
     match = LAST_LINE.match(out.strip().splitlines()[-1])
     assert match and match.group(1) == "yes" and int(match.group(2)) == params
+
+
+def test_a_token_budget_sizes_the_micro_batch_by_its_tokens():
+    """A budget of k full-length sequences plans like k samples per micro-batch; a budget below one sequence plans
+    one full-length sample (it goes alone); a budget in between plans its tokens (attention at full length)."""
+    hf_config = AutoConfig.from_pretrained(MODELS / "qwen2.5-7b")
+    cluster = Cluster(nodes=4, gpus_per_node=8, gpu_memory_gib=80)
+
+    def plan(*overrides):
+        config = load_config(CONFIGS / "qwen2.5_7b_dapo.yaml", list(overrides))
+        return plan_memory(config, hf_config, cluster, PlanOptions(max_prompt_length=2048))
+
+    seq = 2048 + 20480
+    budgeted, fixed = plan(f"parallel.max_tokens_per_micro_batch={2 * seq}"), plan("parallel.max_tokens_per_micro_batch=0",
+                                                                                     "parallel.micro_batch_size=2")
+    assert budgeted.shape.tokens == fixed.shape.tokens == 2 * seq
+    assert [s.activations for s in budgeted.stages] == [s.activations for s in fixed.stages]
+    alone = plan("parallel.max_tokens_per_micro_batch=4096")
+    assert alone.shape.tokens == seq
+    between = plan(f"parallel.max_tokens_per_micro_batch={seq + seq // 2}")
+    assert between.shape.tokens == seq + seq // 2
+    assert fixed.stages[0].activations > between.stages[0].activations > alone.stages[0].activations

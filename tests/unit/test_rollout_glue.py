@@ -16,7 +16,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import Qwen2ForCausalLM
 
-from megatron_dapo.batch import build_training_batch, data_parallel_rows, training_samples
+from megatron_dapo.batch import (
+    build_training_batch, cost_imbalance, data_parallel_partition, data_parallel_rows, sample_cost, training_samples,
+)
 from megatron_dapo.config import AlgorithmConfig, RolloutConfig, ToyModelConfig
 from megatron_dapo.data import PromptRecord, PromptSampler
 from megatron_dapo.reward import RewardScorer
@@ -111,7 +113,7 @@ SIX = _records(("1+1=", "2"), ("2+2=", "4"), ("3+3=", "6"), ("4+4=", "8"), ("5+5
 
 
 def _summary(position, acc):
-    return GroupSummary(position, 0, acc, [1.0 if a else -1.0 for a in acc], [3] * len(acc), 0, 0, 0)
+    return GroupSummary(position, 0, acc, [1.0 if a else -1.0 for a in acc], [3] * len(acc), 0, 0, 0, 5)
 
 
 def test_training_cutoff_waits_for_every_earlier_group():
@@ -203,35 +205,50 @@ def test_data_parallel_rows_are_each_replicas_share_of_every_mini_batch():
     assert sorted(data_parallel_rows(12, 6, 3, 0) + data_parallel_rows(12, 6, 3, 1) + data_parallel_rows(12, 6, 3, 2)) == list(range(12))
 
 
-def _two_engines(rank: int, init_file: str, out: dict) -> None:
+def _two_engines(rank: int, init_file: str, out: dict, continuous: bool) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     engine = ScriptedEngine(MIXED, one_at_a_time=rank == 1)
     algorithm = AlgorithmConfig(train_batch_size=4, gen_batch_size=4, max_num_gen_batches=0, mini_batch_size=4,
                                 overlong_buffer_enable=False)
-    rollout = _rollout(engine, algorithm, world_size=2)
-    step = rollout.generate_step(SIX, PromptSampler(len(SIX), 0), step=1)
-    samples = rollout.local_training_samples(step, mini_batch_size=4, dp_size=2)
+    rollout = _rollout(engine, algorithm, RolloutConfig(n=2, max_response_length=12, groups_in_flight=4,
+                                                        continuous_feeding=continuous), world_size=2)
+    sampler = PromptSampler(len(SIX), 0)
+    step = rollout.generate_step(SIX, sampler, step=1)
+    lengths = rollout.sample_lengths(step)
+    partition = data_parallel_partition([sample_cost(length, 32) for length in lengths], 4, 2, balance=True)
+    samples = rollout.local_training_samples(step, partition)
     responses = rollout.kept_responses(step)
     dump = rollout_dump_rows(1, step, responses, TOKENIZER) if rank == 0 else responses
-    out[rank] = (step.kept, sorted(step.groups), [(_text(s.prompt_ids), s.token_ids, s.advantage) for s in samples], dump)
+    out[rank] = (step.kept, sorted(step.groups), [(_text(s.prompt_ids), s.token_ids, s.advantage) for s in samples], dump,
+                 lengths, partition, [len(s.prompt_ids) + len(s.token_ids) for s in samples],
+                 sampler.next_indices(2))
     dist.destroy_process_group()
 
 
-def test_two_engines_share_the_step_and_each_replica_gets_its_rows(tmp_path):
+@pytest.mark.parametrize("continuous", [False, True], ids=["ticks", "continuous"])
+def test_two_engines_share_the_step_and_each_replica_gets_its_rows(tmp_path, continuous):
     """Two engines (one per process): the same kept groups as one engine would keep, each engine holding the
-    groups it generated, and each data-parallel rank receiving exactly its rows, from whichever engine has them."""
+    groups it generated, and each data-parallel rank receiving exactly its rows of the balanced partition, from
+    whichever engine has them. Both feeding protocols; continuously fed, which engine claims which position
+    depends on timing, but the decision and the sampler's next draws do not."""
     out = mp.Manager().dict()
-    mp.spawn(_two_engines, args=(str(tmp_path / "rendezvous"), out), nprocs=2, join=True)
-    kept, held_0, rows_0, dump = out[0]
+    mp.spawn(_two_engines, args=(str(tmp_path / "rendezvous"), out, continuous), nprocs=2, join=True)
+    kept, held_0, rows_0, dump, lengths, partition, _, next_draws = out[0]
+    order = PromptSampler(len(SIX), seed=0).next_indices(6)
+    assert next_draws == out[1][7] == order[4:6]  # positions 4 and 5, drawn but not kept, come first again
+    assert out[1][4] == lengths and out[1][5] == partition  # every rank computes the same partition
+    for rank in (0, 1):  # the lengths the partition balanced are the samples' prompt + response tokens
+        assert out[rank][6] == [lengths[row] for row in partition[rank]]
     assert kept == out[1][0] == [0, 1, 2, 3]
-    assert held_0 and out[1][1] and set(held_0) | set(out[1][1]) == {0, 1, 2, 3}  # both engines generated
-    order = PromptSampler(len(SIX), seed=0).next_indices(4)
+    assert set(held_0) | set(out[1][1]) == {0, 1, 2, 3} and not set(held_0) & set(out[1][1])
+    if not continuous:
+        assert held_0 and out[1][1]  # both engines generated kept groups
     expected = []  # group-major rows of the kept groups, from the script
     for position in kept:
         prompt = SIX[order[position]].messages[0]["content"]
         expected += [(prompt, TOKENIZER.encode(answer) + [TOKENIZER.eos_token_id]) for answer in MIXED[prompt]]
     for rank, rows in ((0, rows_0), (1, out[1][2])):
-        assert [(p, t) for p, t, _ in rows] == [expected[r] for r in data_parallel_rows(8, 4, 2, rank)]
+        assert [(p, t) for p, t, _ in rows] == [expected[r] for r in partition[rank]]
         assert all(abs(a) > 0.5 for _, _, a in rows)  # mixed groups: non-zero advantages
     # the rollout dump: rank 0 has every kept sample's text, from both engines; rank 1 received nothing
     assert out[1][3] == {}
@@ -246,7 +263,7 @@ def test_two_engines_share_the_step_and_each_replica_gets_its_rows(tmp_path):
                 "acc": correct, "length": len(TOKENIZER.encode(answer)) + 1, "finish_reason": "stop",
             })
     assert [{k: v for k, v in row.items() if k != "advantage"} for row in dump] == expected_dump
-    trained = {row: sample for rank in (0, 1) for row, sample in zip(data_parallel_rows(8, 4, 2, rank), out[rank][2])}
+    trained = {row: sample for rank in (0, 1) for row, sample in zip(partition[rank], out[rank][2])}
     assert [row["advantage"] for row in dump] == pytest.approx([trained[row][2] for row in range(8)])
 
 
@@ -299,3 +316,42 @@ def test_an_evaluation_leaves_the_training_samples_and_itself_unchanged(world_of
     engine.requests.clear()
     rollout.evaluate(SIX[:3])
     assert [(r.key, r.seed, r.n) for r in engine.requests] == evaluation
+
+
+def test_balanced_partition_evens_the_cost_keeps_counts_and_is_deterministic():
+    costs = [100.0, 90.0, 1.0, 1.0, 1.0, 2.0, 3.0, 2.0] + [5.0] * 8  # two mini-batches of 8
+    partition = data_parallel_partition(costs, 8, 2, balance=True)
+    assert partition == data_parallel_partition(list(costs), 8, 2, balance=True)
+    assert sorted(partition[0] + partition[1]) == list(range(16))
+    for rows in partition:  # 4 rows of each mini-batch per rank, mini-batch by mini-batch
+        assert [row // 8 for row in rows] == [0] * 4 + [1] * 4
+    first = [sum(costs[r] for r in rows[:4]) for rows in partition]
+    assert sorted(first) == [97.0, 103.0]  # LPT by hand: 100 | 90, then 3, 2, 2, 1, 1, 1 to the lighter side
+    consecutive = data_parallel_partition(costs, 8, 2, balance=False)
+    assert consecutive == [data_parallel_rows(16, 8, 2, rank) for rank in (0, 1)]
+    assert cost_imbalance(costs, consecutive, 8) == pytest.approx((192 + 20) / (100 + 20))
+    assert cost_imbalance(costs, partition, 8) == pytest.approx((103 + 20) / (100 + 20))
+
+
+def test_sample_cost_adds_attention_quadratically():
+    assert sample_cost(120, 10) == pytest.approx(120 * 2)  # length = 12 h: attention doubles the cost
+    assert sample_cost(1, 4096) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_the_cpu_engine_gives_a_batch_up_when_asked_and_keeps_it_for_abort():
+    """Continuous feeding: a host still generating when the step is decided gives its batch up (asking every
+    20 ms); unasked, the watch changes nothing (the same samples as without it)."""
+    engine = RecordingEngine()
+    requests = [GroupRequest(key, TOKENIZER.encode("1+1="), 2, seed=key, temperature=1.0, top_p=1.0, max_new_tokens=40)
+                for key in range(2)]
+    engine.submit(requests)
+    expected = engine.collect()
+    engine.watch_for_abort(lambda: False)
+    engine.submit(requests)
+    assert {k: [s.token_ids for s in v] for k, v in engine.collect().items()} == {
+        k: [s.token_ids for s in v] for k, v in expected.items()}
+    asked = []
+    engine.watch_for_abort(lambda: asked.append(1) or True)
+    engine.submit(requests)
+    assert engine.collect() == {} and len(asked) == 1  # asked at the first token, and given up
+    assert engine.abort() == 2  # still queued: abort drops them

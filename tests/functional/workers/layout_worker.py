@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state
 
-from megatron_dapo.batch import data_parallel_rows
+from megatron_dapo.batch import data_parallel_partition, sample_cost, sample_lengths
 from megatron_dapo.distributed import destroy_distributed, initialize_distributed
 from megatron_dapo.weights.sync import hf_state_dict
 from megatron_dapo.weights.transfer import gradients_of
@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--loss-impl", default="fused")
     parser.add_argument("--sp", action="store_true")
     parser.add_argument("--distopt", action="store_true")
+    parser.add_argument("--consecutive", action="store_true", help="parallel.balance_data=false")
+    parser.add_argument("--max-tokens", type=int, default=0, help="parallel.max_tokens_per_micro_batch")
     args = parser.parse_args()
     initialize_distributed(args.tp, args.pp, seed=1, virtual_pipeline_model_parallel_size=args.vpp)
     batch = torch.load(args.work / "batch.pt")
@@ -41,20 +43,21 @@ def main() -> None:
         "parallel.micro_batch_size": args.micro, "parallel.virtual_pipeline_model_parallel_size": args.vpp or "null", "parallel.sequence_parallel": args.sp,
         "parallel.use_distributed_optimizer": args.distopt, "model.loss_impl": args.loss_impl,
         "optimizer.lr": 1e-3, "optimizer.lr_warmup_steps": 0, "optimizer.weight_decay": 0.0,
-        "optimizer.clip_grad": 1e9, "rollout.temperature": 1.0,
+        "optimizer.clip_grad": 1e9, "rollout.temperature": 1.0, "parallel.max_tokens_per_micro_batch": args.max_tokens,
     }
     # This data-parallel replica's share (one mini-batch: the whole batch), and the way back to the full batch.
     dp_size, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     num = batch["input_ids"].shape[0]
-    rows = data_parallel_rows(num, num, dp_size, dp_rank)
-    local = {key: value[rows] for key, value in batch.items()}
+    costs = [sample_cost(length, 32) for length in sample_lengths(batch["loss_mask"])]
+    partition = data_parallel_partition(costs, num, dp_size, balance=not args.consecutive)
+    local = {key: value[partition[dp_rank]] for key, value in batch.items()}
 
     def full_batch_logprobs(local_logprobs):
         parts = [torch.empty_like(local_logprobs) for _ in range(dp_size)]
         dist.all_gather(parts, local_logprobs, group=parallel_state.get_data_parallel_group())
         merged = torch.empty(num, local_logprobs.shape[1])
         for replica, part in enumerate(parts):
-            merged[data_parallel_rows(num, num, dp_size, replica)] = part
+            merged[partition[replica]] = part
         return merged
 
     results: dict[str, object] = {}
