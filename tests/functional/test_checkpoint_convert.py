@@ -43,6 +43,13 @@ def _batch():
     return {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask}
 
 
+def _saved_with_reference(tmp_path, batch, model):
+    """``batch`` saved for the workers; its loss mask and ``model``'s log-probs of it (the reference)."""
+    torch.save(batch, tmp_path / "batch.pt")
+    with torch.no_grad():
+        return batch["loss_mask"].bool(), hf_logprobs(model, batch)
+
+
 def _layout_logprobs(tmp, name, hf_dir, checkpoint, nproc, tp, pp, *extra):
     out = tmp / f"{name}.pt"
     launcher = [*TORCHRUN, "--nproc-per-node", str(nproc)] if nproc > 1 else [sys.executable]
@@ -56,10 +63,7 @@ def test_conversions_round_trip_under_any_layout(tmp_path, tied):
     original = make_tiny_qwen2(tmp_path / "hf", tied=tied)
     make_tiny_qwen2(tmp_path / "decoy", tied=tied, seed=1)  # same config, other weights: loads must not use them
     batch = _batch()
-    torch.save(batch, tmp_path / "batch.pt")
-    mask = batch["loss_mask"].bool()
-    with torch.no_grad():
-        expected = hf_logprobs(original, batch)
+    mask, expected = _saved_with_reference(tmp_path, batch, original)
 
     convert("hf_to_megatron.py", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "mg_tp1"))
     tp2pp2 = _layout_logprobs(tmp_path, "tp2pp2", tmp_path / "decoy", tmp_path / "mg_tp1", 4, 2, 2,
@@ -95,10 +99,7 @@ def test_moe_conversions_and_resume_under_expert_parallel_layouts(tmp_path):
     original = make_tiny_qwen3(tmp_path / "hf", moe=True, num_layers=4)
     make_tiny_qwen3(tmp_path / "decoy", moe=True, num_layers=4, seed=1)  # loads must not use these weights
     batch = _training_batch(original)
-    torch.save(batch, tmp_path / "batch.pt")
-    mask = batch["loss_mask"].bool()
-    with torch.no_grad():
-        expected = hf_logprobs(original, batch)
+    mask, expected = _saved_with_reference(tmp_path, batch, original)
 
     convert("hf_to_megatron.py", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "mg"))
     tp2pp2ep2 = _layout_logprobs(tmp_path, "tp2pp2ep2", tmp_path / "decoy", tmp_path / "mg", 4, 2, 2,
