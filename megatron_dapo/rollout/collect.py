@@ -269,14 +269,7 @@ class JobRollout:
             news: list[GroupSummary] = []
             if self.is_host:
                 requests = [self._request(records[drawn[p]], p, TRAIN_DRAW, step) for p, e in assigned if e == self.my_engine]
-                prompts.update({request.key: request.prompt_ids for request in requests})
-                self.engine.submit(requests)
-                if requests:
-                    clock.refilled()
-                completed = self.engine.collect() if in_flight[self.my_engine] else {}
-                if completed:
-                    clock.emptied()
-                news = self._score_into(generation, completed, records, prompts)
+                news = self._engine_turn(requests, bool(in_flight[self.my_engine]), prompts, clock, generation, records)
             for host_news in self._gather(news):
                 for summary in host_news:
                     summaries[summary.position] = summary
@@ -306,7 +299,6 @@ class JobRollout:
         if self.is_host:
             in_flight: set[int] = set()
             prompts: dict[int, list[int]] = {}
-            published: list[int] = []
             known = 0  # every position below it has its summary here
             clock = _IdleClock()
             self.engine.watch_for_abort(lambda: store.check(["stop"]))
@@ -320,21 +312,14 @@ class JobRollout:
                         drawn.extend(sampler.next_indices(1))
                     requests.append(self._request(records[drawn[position]], position, TRAIN_DRAW, step))
                     in_flight.add(position)
-                if requests:
-                    prompts.update({request.key: request.prompt_ids for request in requests})
-                    self.engine.submit(requests)
-                    clock.refilled()
-                completed = self.engine.collect() if in_flight else {}
-                if completed:
-                    clock.emptied()
-                for summary in self._score_into(generation, completed, records, prompts):
+                for summary in self._engine_turn(requests, bool(in_flight), prompts, clock, generation, records):
                     summaries[summary.position] = summary
                     in_flight.discard(summary.position)
                     store.set(f"summary/{summary.position}", pickle.dumps(summary))
-                    published.append(summary.position)
                 claimed = min(store.add("claimed", 0), limit)
                 while known < claimed and (known in summaries or store.check([f"summary/{known}"])):
-                    summaries.setdefault(known, pickle.loads(store.get(f"summary/{known}")))
+                    if known not in summaries:  # another host's: read it once
+                        summaries[known] = pickle.loads(store.get(f"summary/{known}"))
                     known += 1
                 decided = training_cutoff(summaries, claimed, alg.train_batch_size, alg.dynamic_sampling) is not None
                 if decided or (known >= claimed and claimed >= limit):  # decided, or starved
@@ -349,7 +334,8 @@ class JobRollout:
         else:
             while not store.check(["stop"]):
                 time.sleep(0.05)
-        for host_news in self._gather([s for s in summaries.values() if s.engine == self.my_engine] if self.is_host else []):
+        mine = [s.position for s in summaries.values() if s.engine == self.my_engine] if self.is_host else []
+        for host_news in self._gather([summaries[position] for position in mine]):
             for summary in host_news:
                 summaries[summary.position] = summary
         total = min(store.add("claimed", 0), limit)
@@ -357,13 +343,25 @@ class JobRollout:
             drawn.extend(sampler.next_indices(1))
         generation.aborted = sum(self._gather(generation.aborted))
         self._gather(None)  # every rank is past its last store read: the keys can go
-        if self.is_host:
-            for position in published:
-                store.delete_key(f"summary/{position}")
+        for position in mine:
+            store.delete_key(f"summary/{position}")
         if self.rank == 0:
             store.delete_key("claimed")
             store.delete_key("stop")
         return generation
+
+    def _engine_turn(self, requests: list[GroupRequest], waiting: bool, prompts: dict[int, list[int]],
+                     clock: "_IdleClock", generation: "_Generation", records: list[PromptRecord]) -> list[GroupSummary]:
+        """One turn of this host's engine in either protocol: submit ``requests`` (a refill), collect what
+        completed while ``waiting`` on groups in flight, and score it; the summaries of the new groups."""
+        if requests:
+            prompts.update({request.key: request.prompt_ids for request in requests})
+            self.engine.submit(requests)
+            clock.refilled()
+        completed = self.engine.collect() if waiting else {}
+        if completed:
+            clock.emptied()
+        return self._score_into(generation, completed, records, prompts)
 
     def _score_into(self, generation: "_Generation", completed: dict[int, list[RolloutSample]],
                     records: list[PromptRecord], prompts: dict[int, list[int]]) -> list[GroupSummary]:
