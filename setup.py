@@ -30,6 +30,7 @@ setup(
         "psutil==7.2.2",  # used by megatron-core's dist-checkpoint saving, not declared by it
         "numpy>=1.26",
         "matplotlib==3.11.2",  # report.png (Agg, no display needed)
+        "scipy==1.17.1",  # the ablation figures' paired t intervals (examples/ablation/figures.py)
     ],
     extras_require={
         # GPU hosts only; never installed on CPU hosts (a half-installed TE breaks `import megatron.core`).

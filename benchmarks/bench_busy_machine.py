@@ -8,7 +8,7 @@ core on this 2-core machine: the situation of two other runs beside this one). T
 time; the last line compares the two policies' slowdowns.
 
     python benchmarks/bench_busy_machine.py              # 40 warm-start steps
-    python benchmarks/bench_busy_machine.py --quick      # 10
+    python benchmarks/bench_busy_machine.py --quick      # 3
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=None)
     parser.add_argument("--busy", type=int, default=os.cpu_count() or 2, help="busy loops beside the warm start")
     args = parser.parse_args()
-    steps = args.sft_steps or (10 if args.quick else 40)
+    steps = args.sft_steps or (3 if args.quick else 40)
     slowdown = {}
     for name, policy in (("default", None), ("passive", "PASSIVE")):
         began = time.perf_counter()

@@ -20,7 +20,7 @@ other engine could go on. One group in flight per engine, 8 kept groups per step
 time, the same steps and kept groups in both.
 
     python benchmarks/bench_rollout_scaling.py            # 4 steps per run
-    python benchmarks/bench_rollout_scaling.py --quick    # 2 steps, a shorter warm start
+    python benchmarks/bench_rollout_scaling.py --quick    # 1 step, a shorter warm start
     python benchmarks/bench_rollout_scaling.py --long-tail [--quick]
 """
 
@@ -86,7 +86,7 @@ def main() -> None:
     if args.long_tail:
         long_tail(args.quick)
         return
-    steps, sft_steps = (2, 300) if args.quick else (4, 800)
+    steps, sft_steps = (1, 300) if args.quick else (4, 800)
     common = ["rollout.sampling_mode=rounds", "algorithm.dynamic_sampling=false", f"algorithm.gen_batch_size={PROMPTS}",
               f"algorithm.train_batch_size={PROMPTS}", "rollout.n=8"]
     rates = {}

@@ -69,7 +69,13 @@ class ToyModelConfig:
     sft_lr: float = option(1e-3, "warm-start AdamW learning rate")
     sft_answer_noise: float = option(0.4, "arithmetic: share of warm-start demonstrations whose answer is off by 1–9")
     sft_step_error: float = option(0.03, "countdown: chance that a demonstrated number is off by 1–2 (carried on)")
-    sft_ramble: float = option(0.2, "countdown: share of demonstrations that repeat one number 2–6 times, then go on")
+    sft_ramble: float = option(
+        0.2, "countdown: share of demonstrations that repeat one number 2 to sft_ramble_repeats times, then go on"
+    )
+    sft_ramble_repeats: int = option(6, "countdown: most repeats of a rambling demonstration's number (>= 2)")
+    sft_ramble_error: float = option(
+        0.0, "countdown: chance that a rambling demonstration loses count after its repeats (later numbers off by 1–2)"
+    )
     sft_loop: float = option(0.05, "countdown: share of demonstrations that repeat one number without end (no EOS)")
 
 
@@ -368,7 +374,8 @@ _POSITIVE = (
     "rollout.engine_start_timeout_s", "rollout.engine_idle_timeout_s",
 )
 _UNIT_INTERVAL = ("rollout.top_p", "rollout.val_top_p", "rollout.sglang_mem_fraction")  # (0, 1]
-_SHARES = ("toy_model.sft_answer_noise", "toy_model.sft_step_error", "toy_model.sft_ramble", "toy_model.sft_loop")
+_SHARES = ("toy_model.sft_answer_noise", "toy_model.sft_step_error", "toy_model.sft_ramble", "toy_model.sft_ramble_error",
+           "toy_model.sft_loop")
 
 
 def _value(config: DapoConfig, key: str) -> object:
@@ -393,6 +400,8 @@ def _validate_ranges(config: DapoConfig) -> None:
         if not 0 <= _value(config, key) <= 1:
             raise ConfigError(f"{key}={_value(config, key)} must be in [0, 1] (a share of the demonstrations)")
     toy = config.toy_model
+    if toy.sft_ramble_repeats < 2:
+        raise ConfigError(f"toy_model.sft_ramble_repeats={toy.sft_ramble_repeats} must be at least 2 (a number said twice)")
     if toy.sft_ramble + toy.sft_loop > 1:
         raise ConfigError(
             f"toy_model.sft_ramble={toy.sft_ramble} + toy_model.sft_loop={toy.sft_loop} must be at most 1 "

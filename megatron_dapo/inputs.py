@@ -131,6 +131,24 @@ def write_run_config(config: DapoConfig) -> None:
     (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
+def training_files(config: DapoConfig) -> list[str]:
+    """``data.train_files``, or the toy task's problems written to ``output_dir/data/train.parquet``."""
+    data = config.data
+    if data.train_files:
+        return list(data.train_files)
+    path = Path(config.trainer.output_dir) / "data" / "train.parquet"
+    return [str(write_toy_dataset(path, data.toy_num_train, data.toy_seed, data.toy_task))]
+
+
+def build_toy_warm_start(
+    config: DapoConfig, train_files: list[str], hf_dir: str | Path, interrupt: Callable[[], None] | None = None
+) -> Path:
+    """The toy policy warm-started on ``train_files``' problems, saved as an HF folder: what a run with
+    ``model.hf_path: null`` builds, and what experiments build once to share between runs (examples/ablation)."""
+    return build_toy_checkpoint(config.toy_model, load_prompt_files(train_files), hf_dir, config.trainer.seed,
+                                config.logging.progress_bar, interrupt)
+
+
 def prepare_inputs(
     config: DapoConfig, interrupt: Callable[[], None] | None = None
 ) -> tuple[str, list[str], list[str]]:
@@ -141,16 +159,9 @@ def prepare_inputs(
 
     def create() -> tuple[list[str], list[str]]:
         out.mkdir(parents=True, exist_ok=True)
-        data = config.data
-        train_files = list(data.train_files)
-        if not train_files:
-            path = out / "data" / "train.parquet"
-            train_files = [str(write_toy_dataset(path, data.toy_num_train, data.toy_seed, data.toy_task))]
+        train_files = training_files(config)
         if config.model.hf_path is None:
-            build_toy_checkpoint(
-                config.toy_model, load_prompt_files(train_files), hf_dir, config.trainer.seed, config.logging.progress_bar,
-                interrupt,
-            )
+            build_toy_warm_start(config, train_files, hf_dir, interrupt)
         return train_files, validation_files(config)
 
     train_files, val_files = run_on_rank_zero(create)

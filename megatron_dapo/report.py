@@ -36,13 +36,14 @@ class Panel:
 PANELS = (
     Panel("accuracy (acc/mean)", ("acc/mean",)),
     Panel("reward", ("reward/mean",)),
-    Panel("entropy of the policy", ("entropy/mean",)),
+    Panel("entropy of the policy", ("entropy/mean", "entropy/trained_mean")),
     Panel("response length [tokens]", ("response_length/mean", "response_length/max")),
     Panel("clipped tokens (fraction)", ("pg_clipfrac/high", "pg_clipfrac/low", "pg_clipfrac/dual")),
     Panel("mean π of tokens", ("prob/up_clipped_mean", "prob/mean")),
     Panel(
         "dynamic sampling and truncation",
-        ("sampling/kept_group_frac", "sampling/wasted_token_frac", "response_length/clip_ratio", "reward/no_answer_frac"),
+        ("sampling/kept_group_frac", "sampling/wasted_token_frac", "sampling/zero_adv_token_frac",
+         "response_length/clip_ratio", "reward/no_answer_frac"),
     ),
     Panel(
         "groups per step",

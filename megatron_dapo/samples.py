@@ -17,6 +17,8 @@ class RolloutSample:
     ``"length"`` (``"abort"`` for requests cancelled before they finished). ``routed_experts``: for a MoE
     model, the experts the engine's router chose for every token it forwarded (the prompt's, then each response
     token's but the last, which is sampled and never forwarded), per MoE layer; what routing replay replays.
+    ``entropy_sum``: the sampling distribution's entropy summed over the response tokens, where the engine sees
+    the whole distribution (the CPU engine); ``None`` where it returns only the sampled tokens' log-probs (SGLang).
     """
 
     prompt_index: int
@@ -24,6 +26,12 @@ class RolloutSample:
     logprobs: list[float]
     finish_reason: str
     routed_experts: torch.Tensor | None = None  # MoE: int32 [prompt + response − 1, MoE layers, top-k] (below)
+    entropy_sum: float | None = None
+
+    def entropy_total(self) -> float:
+        """The response's summed token entropy: the engine's exact value, else −Σ log π(token) of the sampled
+        tokens, whose expectation under the sampling distribution is that entropy (an unbiased estimate)."""
+        return self.entropy_sum if self.entropy_sum is not None else -sum(self.logprobs)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from megatron_dapo.actor.actor import MegatronActor
 from megatron_dapo.algorithm import truncated_is_weights
 from megatron_dapo.batch import build_training_batch, cost_imbalance, data_parallel_partition, sample_cost, split_batch, to_device
 from megatron_dapo.checkpointing import remove_old_checkpoints
+from megatron_dapo.ops.dapo_loss import CLIP_METRIC_KEYS
 from megatron_dapo.weights.checkpoint_reader import CHECKPOINT_FAILURES, newest_resumable, saved_iterations, strict_resume_refusal
 from megatron_dapo.config import DapoConfig, config_to_dict
 from megatron_dapo.errors import UserError
@@ -267,8 +268,15 @@ class Job:
         return saved
 
 
-def _mean_metrics(updates: list[dict[str, float]]) -> dict[str, float]:
-    return {key: sum(u[key] for u in updates) / len(updates) for key in updates[0]}
+def _update_metrics(updates: list[dict[str, float]]) -> dict[str, float]:
+    """Means over the step's optimiser updates; clip metrics over the updates after the first only: π_old is
+    computed with the weights the first update starts from, so its ratio is identically 1 and nothing clips there
+    (0 when the step makes one update)."""
+    means = {key: sum(u[key] for u in updates) / len(updates) for key in updates[0]}
+    moved = updates[1:]
+    for key in CLIP_METRIC_KEYS:
+        means[key] = sum(u[key] for u in moved) / len(moved) if moved else 0.0
+    return means
 
 
 def _replica_sums(values: torch.Tensor) -> torch.Tensor:
@@ -286,19 +294,24 @@ def _step_partition(job: Job, step_rollout) -> tuple[list[list[int]], float]:
     return partition, cost_imbalance(costs, partition, mini_batch)
 
 
-def _token_metrics(job: Job, step_rollout, rows, old_logprobs, rollout_logprobs, entropy, mask) -> dict[str, float]:
+def _token_metrics(job: Job, step_rollout, rows, batch, old_logprobs, rollout_logprobs, entropy) -> dict[str, float]:
     """Per-token means over the whole step; the engine-vs-actor log-prob gap per engine, the worst reported."""
+    mask, batch_advantages = batch["loss_mask"], batch["advantages"]
     engines = job.placement.num_engines
     engine_of_row = [step_rollout.summaries[step_rollout.kept[row // job.config.rollout.n]].engine for row in rows]
     one_hot = torch.nn.functional.one_hot(torch.tensor(engine_of_row, device=mask.device), engines).to(mask.dtype)
     gap = ((old_logprobs - rollout_logprobs).abs() * mask).sum(dim=1)
     per_engine = _replica_sums(torch.stack([one_hot.t() @ gap, one_hot.t() @ mask.sum(dim=1)]))
-    totals = _replica_sums(torch.stack([(entropy * mask).sum(), (old_logprobs.exp() * mask).sum(), mask.sum()]))
-    tokens = totals[2].clamp(min=1)
+    zero_advantage = (batch_advantages == 0).to(mask.dtype) * mask
+    totals = _replica_sums(torch.stack([
+        (entropy * mask).sum(), (old_logprobs.exp() * mask).sum(), zero_advantage.sum(), mask.sum()
+    ]))
+    tokens = totals[3].clamp(min=1)
     return {
         "rollout/train_logprob_abs_diff": (per_engine[0] / per_engine[1].clamp(min=1)).max().item(),
-        "entropy/mean": (totals[0] / tokens).item(),
+        "entropy/trained_mean": (totals[0] / tokens).item(),  # over the loss mask; entropy/mean: every response
         "prob/mean": (totals[1] / tokens).item(),
+        "sampling/zero_adv_token_frac": (totals[2] / tokens).item(),  # trained tokens without a learning signal
     }
 
 
@@ -329,14 +342,14 @@ def train_step(job: Job, step: int) -> dict[str, float]:
         batch["old_logprobs"] = old_logprobs
         if alg.tis_cap is not None:
             batch["rollout_is_weights"] = truncated_is_weights(old_logprobs, rollout_logprobs, alg.tis_cap)
-        metrics.update(_token_metrics(job, step_rollout, rows, old_logprobs, rollout_logprobs, entropy, mask))
+        metrics.update(_token_metrics(job, step_rollout, rows, batch, old_logprobs, rollout_logprobs, entropy))
         with timed(metrics, "train"):
             updates = [
                 actor.train_step(mini_batch)
                 for _ in range(alg.ppo_epochs)
                 for mini_batch in split_batch(batch, alg.mini_batch_size // job.dp_size)
             ]
-        metrics.update(_mean_metrics(updates))
+        metrics.update(_update_metrics(updates))
         with timed(metrics, "sync"):
             job.sync_weights()
     return metrics

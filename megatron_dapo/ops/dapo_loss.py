@@ -21,8 +21,11 @@ from megatron_dapo.ops.fused_linear_loss import fused_linear_loss
 
 # Per-micro-batch sums, added over micro-batches and DP ranks after a step, then normalised (``step_loss_metrics``).
 METRIC_SUM_KEYS = (
-    "loss_numerator", "loss_count", "tokens", "clip_high", "clip_low", "clip_dual", "ppo_kl", "kl", "clip_high_prob"
+    "loss_numerator", "loss_count", "tokens", "signal_tokens", "clip_high", "clip_low", "clip_dual", "ppo_kl", "kl",
+    "clip_high_prob",
 )
+# Step metrics of the clipping; a token with zero advantage can never clip, so they count tokens with a signal.
+CLIP_METRIC_KEYS = ("pg_clipfrac/high", "pg_clipfrac/low", "pg_clipfrac/dual", "prob/up_clipped_mean")
 # Per-token inputs of the loss besides the log-probs.
 LOSS_INPUT_KEYS = ("old_logprobs", "advantages", "loss_mask", "rollout_is_weights", "ref_logprobs")
 
@@ -67,6 +70,7 @@ def dapo_loss_terms(
         "loss_numerator": numerator.detach(),
         "loss_count": count,
         "tokens": tokens,
+        "signal_tokens": (mask * (micro_batch["advantages"] != 0)).sum(),
         "clip_high": clip_high,
         "clip_high_prob": pg_metrics["prob/up_clipped_mean"] * clip_high,
         "clip_low": pg_metrics["pg_clipfrac/low"] * tokens,
@@ -79,16 +83,18 @@ def dapo_loss_terms(
 
 def step_loss_metrics(total: dict[str, float]) -> dict[str, float]:
     """The loss metrics of an optimiser step from its ``METRIC_SUM_KEYS`` sums over micro-batches and DP ranks:
-    token means, except ``actor/pg_loss`` (the loss itself) and ``prob/up_clipped_mean`` (a mean over the
-    up-clipped tokens only; 0 when none was clipped)."""
+    token means, except ``actor/pg_loss`` (the loss itself), the clip fractions (over the tokens with non-zero
+    advantage, the only ones that can clip) and ``prob/up_clipped_mean`` (a mean over the up-clipped tokens only;
+    0 when none was clipped)."""
     tokens = max(total["tokens"], 1.0)
+    signal_tokens = max(total["signal_tokens"], 1.0)
     return {
         "actor/pg_loss": total["loss_numerator"] / max(total["loss_count"], 1e-8),
         "actor/ppo_kl": total["ppo_kl"] / tokens,
         "actor/kl_ref": total["kl"] / tokens,
-        "pg_clipfrac/high": total["clip_high"] / tokens,
-        "pg_clipfrac/low": total["clip_low"] / tokens,
-        "pg_clipfrac/dual": total["clip_dual"] / tokens,
+        "pg_clipfrac/high": total["clip_high"] / signal_tokens,
+        "pg_clipfrac/low": total["clip_low"] / signal_tokens,
+        "pg_clipfrac/dual": total["clip_dual"] / signal_tokens,
         "prob/up_clipped_mean": total["clip_high_prob"] / max(total["clip_high"], 1.0),
     }
 

@@ -83,6 +83,7 @@ class GroupSummary:
     no_answer: int
     timeouts: int
     prompt_length: int  # tokens: with ``lengths``, what the data-parallel partition balances
+    entropy_sum: float  # summed token entropy of the responses (RolloutSample.entropy_total): entropy/mean
 
     def qualifies(self, dynamic_sampling: bool) -> bool:
         return not dynamic_sampling or bool(dynamic_sampling_keep(torch.tensor([self.acc]))[0])
@@ -200,7 +201,8 @@ class JobRollout:
             summary = GroupSummary(key, self.my_engine, acc, rewards.tolist(), lengths,
                                    sum(s.finish_reason == "length" for s in samples),
                                    sum(score["pred"] is None for score in group_scores),
-                                   sum(score["timed_out"] for score in group_scores), len(prompts[key]))
+                                   sum(score["timed_out"] for score in group_scores), len(prompts[key]),
+                                   sum(s.entropy_total() for s in samples))
             scored.append((Group(prompts[key], samples, acc, rewards.tolist()), summary))
         return scored
 
@@ -419,6 +421,9 @@ class JobRollout:
         trained_tokens = sum(sum(summaries[p].lengths) for p in kept)
         group_size = self.rollout.n
         return {
+            # over every response drawn up to the cutoff, kept or filtered, truncated or not: comparable across
+            # algorithms, and not over groups generated past the cutoff, whose number depends on timing
+            "entropy/mean": sum(s.entropy_sum for s in used) / max(sum(lengths), 1),
             "acc/mean": sum(acc) / samples,
             "reward/mean": sum(rewards) / samples,
             "reward/no_answer_frac": sum(s.no_answer for s in used) / samples,

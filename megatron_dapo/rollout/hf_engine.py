@@ -178,6 +178,7 @@ class HFRolloutEngine(RolloutEngine):
         new_tokens = output.sequences[:, width:]
         step_logprobs = torch.stack([torch.log_softmax(s.float() / first.temperature, dim=-1) for s in output.logits], dim=1)
         token_logprobs = step_logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        token_entropies = torch.special.entr(step_logprobs.exp()).sum(dim=-1)  # entr(0) = 0: no 0·log 0
         samples = []
         for row, (tokens, logprobs) in enumerate(zip(new_tokens.tolist(), token_logprobs.tolist())):
             if self.eos_token_id in tokens:
@@ -186,7 +187,8 @@ class HFRolloutEngine(RolloutEngine):
                 length, reason = len(tokens), "length"
             # forwarded: the prompt (after the left padding) and every response token but the last
             row_routes = routes[row, width - len(rows[row]) : width + length - 1].clone() if routes is not None else None
-            samples.append((tokens[:length], logprobs[:length], reason, row_routes))
+            entropy = token_entropies[row, :length].sum().item()
+            samples.append((tokens[:length], logprobs[:length], reason, row_routes, entropy))
         results, start = {}, 0
         for request in requests:
             results[request.key] = [RolloutSample(request.key, *sample) for sample in samples[start : start + request.n]]

@@ -82,8 +82,10 @@ def _demonstrated_answer(ground_truth: str, noise: float, rng: random.Random) ->
 
 def _worked_countdown(start: int, step: int, cfg: ToyModelConfig, rng: random.Random) -> tuple[str, bool]:
     """The teacher's countdown and whether it ends (with EOS): each number is off by 1–2 with probability
-    ``cfg.sft_step_error`` (the error carried on); a share ``cfg.sft_ramble`` repeats one number 2–6 times and
-    goes on, a share ``cfg.sft_loop`` repeats one number until ``LOOP_LENGTH`` characters and never answers."""
+    ``cfg.sft_step_error`` (the error carried on); a share ``cfg.sft_ramble`` repeats one number 2 to
+    ``cfg.sft_ramble_repeats`` times and goes on — losing count after it with probability ``cfg.sft_ramble_error``
+    (every later number off by the same 1–2), so that long answers are mostly wrong when that is high; a share
+    ``cfg.sft_loop`` repeats one number until ``LOOP_LENGTH`` characters and never answers."""
     numbers = [start]
     while numbers[-1] >= step:
         number = numbers[-1] - step
@@ -97,7 +99,11 @@ def _worked_countdown(start: int, step: int, cfg: ToyModelConfig, rng: random.Ra
         looping = words[: repeated + 1] + [words[repeated]] * LOOP_LENGTH
         return " ".join(looping)[:LOOP_LENGTH], False
     if kind < cfg.sft_loop + cfg.sft_ramble:
-        words = words[: repeated + 1] + [words[repeated]] * rng.randint(2, 6) + words[repeated + 1 :]
+        if repeated + 1 < len(numbers) and rng.random() < cfg.sft_ramble_error:
+            shift = _off_by(0, 2, rng)
+            numbers[repeated + 1 :] = [max(number + shift, 0) for number in numbers[repeated + 1 :]]
+            words = [str(number) for number in numbers]
+        words = words[: repeated + 1] + [words[repeated]] * rng.randint(2, cfg.sft_ramble_repeats) + words[repeated + 1 :]
     return " ".join(words) + f" Answer: {numbers[-1]}", True
 
 

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow  # multi-process or end-to-end: minutes on 2 cores
 FINAL_LINE = re.compile(r"^eval accuracy: before=(\d\.\d+) after=(\d\.\d+)$")
 REQUIRED_METRICS = [
     "actor/pg_loss", "actor/grad_norm", "reward/mean", "acc/mean", "response_length/mean",
-    "response_length/clip_ratio", "entropy/mean", "prob/mean", "pg_clipfrac/high", "pg_clipfrac/low",
+    "response_length/clip_ratio", "entropy/mean", "entropy/trained_mean", "prob/mean", "pg_clipfrac/high",
+    "pg_clipfrac/low", "actor/ppo_kl", "sampling/zero_adv_token_frac",
     "sampling/num_gen_batches", "sampling/kept_group_frac", "rollout/train_logprob_abs_diff",
     "timing/generate", "timing/old_logprob", "timing/train", "timing/sync", "timing/step",
     "perf/dp_cost_imbalance", "rollout/engine_idle_frac",
@@ -27,9 +28,9 @@ def _final_accuracies(result):
     return float(match.group(1)), float(match.group(2))
 
 
-def test_short_toy_run_writes_metrics_tensorboard_and_hf_export(tmp_path):
+def test_short_toy_run_writes_metrics_tensorboard_and_hf_export(tmp_path, toy_warm_start):
     out = tmp_path / "run"
-    result = run_cli(f"trainer.output_dir={out}", "trainer.max_steps=3", "toy_model.sft_steps=600",
+    result = run_cli(f"trainer.output_dir={out}", "trainer.max_steps=3", toy_warm_start,
                      "algorithm.max_num_gen_batches=0", "data.toy_num_val=8", "rollout.val_n=4")
     before, after = _final_accuracies(result)
     assert 0.0 <= before <= 1.0 and 0.0 <= after <= 1.0
@@ -57,7 +58,7 @@ def test_short_toy_run_writes_metrics_tensorboard_and_hf_export(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(out / "hf_final")
     tokenizer = AutoTokenizer.from_pretrained(out / "hf_final")
-    initial = AutoModelForCausalLM.from_pretrained(out / "toy_init")
+    initial = AutoModelForCausalLM.from_pretrained(toy_warm_start.split("=", 1)[1])
     ids = torch.tensor([tokenizer.encode("12+30=Answer: 42")])
     with torch.no_grad():
         assert not torch.allclose(model(ids).logits, initial(ids).logits)  # the policy was trained and exported
@@ -97,9 +98,9 @@ NAIVE_GRPO = [  # the paper's "naive GRPO" baseline is a config, not a code fork
 ]
 
 
-def test_naive_grpo_baseline_runs_with_kl_to_reference(tmp_path):
+def test_naive_grpo_baseline_runs_with_kl_to_reference(tmp_path, toy_warm_start):
     out = tmp_path / "run"
-    result = run_cli(f"trainer.output_dir={out}", "trainer.max_steps=3", "toy_model.sft_steps=300",
+    result = run_cli(f"trainer.output_dir={out}", "trainer.max_steps=3", toy_warm_start,
                      "optimizer.lr=1e-3", "data.toy_num_val=4", "rollout.val_n=2", *NAIVE_GRPO)
     _final_accuracies(result)
     rows = training_rows(out)

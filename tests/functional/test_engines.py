@@ -11,7 +11,7 @@ from ..helpers import ROOT, TOY_CONFIG, training_rows
 
 pytestmark = pytest.mark.slow
 
-RUN = ["trainer.max_steps=3", "toy_model.sft_steps=300", "algorithm.max_num_gen_batches=0", "data.toy_num_val=8",
+RUN = ["trainer.max_steps=3", "algorithm.max_num_gen_batches=0", "data.toy_num_val=8",
        "rollout.val_n=2", "logging.progress_bar=false", "parallel.micro_batch_size=16", "trainer.export_hf=false"]
 # The same for every engine count: the groups kept and every sample in them; the training metrics up to the
 # summation order of another layout.
@@ -20,10 +20,10 @@ EXACT = ["acc/mean", "reward/mean", "response_length/mean", "sampling/kept_group
 CLOSE = ["actor/pg_loss", "actor/grad_norm", "entropy/mean", "prob/mean"]
 
 
-def _run(out, nproc, *overrides):
+def _run(out, nproc, warm_start, *overrides):
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                      "--nproc-per-node", str(nproc)]
-    command = [*launcher, "-m", "megatron_dapo", "train", "--config", str(TOY_CONFIG), f"trainer.output_dir={out}", *RUN, *overrides]
+    command = [*launcher, "-m", "megatron_dapo", "train", "--config", str(TOY_CONFIG), f"trainer.output_dir={out}", *RUN, warm_start, *overrides]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     eval_line = [line for line in result.stdout.splitlines() if line.startswith("eval accuracy:")]
@@ -32,8 +32,8 @@ def _run(out, nproc, *overrides):
 
 
 @pytest.fixture(scope="module")
-def single_process(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("single"), 1)
+def single_process(tmp_path_factory, toy_warm_start):
+    return _run(tmp_path_factory.mktemp("single"), 1, toy_warm_start)
 
 
 @pytest.mark.parametrize(
@@ -46,9 +46,9 @@ def single_process(tmp_path_factory):
     ],
     ids=["tp2-2engines", "pp2-1engine", "dp4-4engines", "tp2dp2-2engines-collectives"],
 )
-def test_metrics_do_not_depend_on_the_engine_count(single_process, tmp_path, nproc, layout):
+def test_metrics_do_not_depend_on_the_engine_count(single_process, toy_warm_start, tmp_path, nproc, layout):
     expected, expected_eval = single_process
-    rows, eval_line = _run(tmp_path, nproc, *layout)
+    rows, eval_line = _run(tmp_path, nproc, toy_warm_start, *layout)
     assert eval_line == expected_eval  # evaluation is spread over the engines too, seeded per problem
     for step in range(3):
         for key in EXACT:

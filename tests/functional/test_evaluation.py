@@ -10,16 +10,17 @@ from ..helpers import run_cli
 
 pytestmark = pytest.mark.slow  # end-to-end: minutes on 2 cores
 
-TOY = ["toy_model.sft_steps=300", "data.toy_num_val=8", "algorithm.max_num_gen_batches=0"]
+TOY = ["data.toy_num_val=8", "algorithm.max_num_gen_batches=0"]
 SOURCE = "eval/toy-arithmetic"
 EVAL_KEYS = {f"{SOURCE}/{name}@{k}" for name in ("avg", "pass") for k in (1, 2, 4)}  # val_n = 4
 TRAINING_LINE = re.compile(r"^eval accuracy: before=(\d\.\d{3}) after=(\d\.\d{3})$")
 EVAL_LINE = re.compile(r"^eval: avg@4=(\d\.\d{3}) pass@4=(\d\.\d{3})$")
 
 
-def test_evaluations_are_logged_and_the_exported_policy_evaluates_the_same(tmp_path):
+def test_evaluations_are_logged_and_the_exported_policy_evaluates_the_same(tmp_path, toy_warm_start):
     out = tmp_path / "run"
-    trained = run_cli(f"trainer.output_dir={out}", "trainer.max_steps=2", "trainer.eval_interval=1", "rollout.val_n=4", *TOY)
+    trained = run_cli(f"trainer.output_dir={out}", "trainer.max_steps=2", "trainer.eval_interval=1", "rollout.val_n=4", *TOY,
+                      toy_warm_start)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert re.search(r"^data: .*train\.parquet: kept \d+ of 2000 rows \(\d+ duplicates dropped", trained.stdout, re.M)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

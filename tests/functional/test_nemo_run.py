@@ -16,10 +16,10 @@ nemo_run = pytest.importorskip("nemo_run")
 LAUNCH = [sys.executable, "examples/nemo_run/launch_dapo.py"]
 
 
-def test_local_executor_trains_the_toy(tmp_path):
+def test_local_executor_trains_the_toy(tmp_path, toy_warm_start):
     out = tmp_path / "run"
     command = [*LAUNCH, "--executor", "local", "--nproc-per-node", "2", "--config", "examples/configs/toy_cpu.yaml",
-               "trainer.max_steps=2", "toy_model.sft_steps=300", "data.toy_num_val=8", "rollout.val_n=2",
+               "trainer.max_steps=2", toy_warm_start, "data.toy_num_val=8", "rollout.val_n=2",
                "logging.progress_bar=false", f"trainer.output_dir={out}"]
     result = subprocess.run(command, cwd=ROOT, env=dict(os.environ, NEMORUN_HOME=str(tmp_path / "home")),
                             capture_output=True, text=True, timeout=1200)

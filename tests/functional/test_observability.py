@@ -17,12 +17,12 @@ ANSWER = re.compile(r"^Answer: (-?\d+)$")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, toy_warm_start):
     out = tmp_path_factory.mktemp("observability")
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(out / "wandb_files")}
     (out / "wandb_files").mkdir()
     result = run_cli(
-        f"trainer.output_dir={out / 'run'}", "toy_model.sft_steps=300", "data.toy_num_val=8", "rollout.val_n=2",
+        f"trainer.output_dir={out / 'run'}", toy_warm_start, "data.toy_num_val=8", "rollout.val_n=2",
         "algorithm.max_num_gen_batches=0", "trainer.export_hf=false", f"trainer.max_steps={STEPS}",
         "logging.rollout_dump_interval=1", "logging.wandb=true", env=env,
     )

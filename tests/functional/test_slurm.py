@@ -26,8 +26,9 @@ from ..helpers import ROOT, TOY_CONFIG
 
 pytestmark = pytest.mark.slow
 
-TOY = ["toy_model.sft_steps=300", "data.toy_num_val=8", "rollout.val_n=2", "algorithm.max_num_gen_batches=0",
-       "trainer.export_hf=false", "logging.progress_bar=false"]
+TOY = ["data.toy_num_val=8", "rollout.val_n=2", "algorithm.max_num_gen_batches=0", "trainer.export_hf=false",
+       "logging.progress_bar=false"]
+OWN_WARM_START = "toy_model.sft_steps=300"  # the requeue test: the signal lands while the run builds it
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +76,10 @@ def _sbatch(env: dict, tmp: Path, *args: str, wait: bool = True, extra_env: dict
     return subprocess.run(command, cwd=ROOT, env=job_env, capture_output=True, text=True, timeout=1800)
 
 
-def test_the_32b_template_runs_the_toy_on_a_cpu_slurm(slurm, tmp_path):
-    """The README's command, as written (plus the log and output locations of a test, and a shorter warm start)."""
+def test_the_32b_template_runs_the_toy_on_a_cpu_slurm(slurm, tmp_path, toy_warm_start):
+    """The README's command, as written (plus the log and output locations of a test, and a warm-started toy)."""
     out = tmp_path / "run"
-    result = _sbatch(slurm, tmp_path, "trainer.max_steps=3", *TOY, f"trainer.output_dir={out}")
+    result = _sbatch(slurm, tmp_path, "trainer.max_steps=3", *TOY, toy_warm_start, f"trainer.output_dir={out}")
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = result.stdout.strip().split()[-1]
     assert [row["step"] for row in _rows(out)] == [0, 1, 2, 3]  # step 0: the evaluation before training
@@ -87,7 +88,7 @@ def test_the_32b_template_runs_the_toy_on_a_cpu_slurm(slurm, tmp_path):
 
 
 def test_a_signalled_job_requeues_and_resumes_to_the_uninterrupted_metrics(slurm, tmp_path):
-    args = ["trainer.max_steps=5", "trainer.save_interval=1", "trainer.keep_last=2", *TOY]
+    args = ["trainer.max_steps=5", "trainer.save_interval=1", "trainer.keep_last=2", *TOY, OWN_WARM_START]
     whole = tmp_path / "whole"
     assert _sbatch(slurm, tmp_path, *args, f"trainer.output_dir={whole}").returncode == 0
     split = tmp_path / "split"
@@ -115,14 +116,14 @@ def test_a_signalled_job_requeues_and_resumes_to_the_uninterrupted_metrics(slurm
     assert sorted(p.name for p in (split / "checkpoints").glob("iter_*")) == ["iter_0000004", "iter_0000005"]  # keep_last
 
 
-def test_nemo_run_submits_the_toy_to_slurm(slurm, tmp_path):
+def test_nemo_run_submits_the_toy_to_slurm(slurm, tmp_path, toy_warm_start):
     pytest.importorskip("nemo_run")
     out = tmp_path / "run"
     env = dict(slurm, NEMORUN_HOME=str(tmp_path / "nemo-home"))
     command = [sys.executable, "examples/nemo_run/launch_dapo.py", "--executor", "slurm", "--nodes", "1",
                "--gpus-per-node", "0", "--nproc-per-node", "2", "--account", "local", "--partition", "debug", "--time", "00:30:00",
                "--retries", "0", "--wait", "--config", "examples/configs/toy_cpu.yaml", "trainer.max_steps=2",
-               f"trainer.output_dir={out}", *TOY]
+               f"trainer.output_dir={out}", *TOY, toy_warm_start]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "COMPLETED exit 0:0" in result.stdout

@@ -10,7 +10,7 @@ from ..helpers import ROOT, TOY_CONFIG, assert_hf_folders_bit_identical, convert
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end: minutes on 2 cores
 
-SMALL_RUN = ["trainer.max_steps=2", "toy_model.sft_steps=300", "algorithm.max_num_gen_batches=0",
+SMALL_RUN = ["trainer.max_steps=2", "algorithm.max_num_gen_batches=0",
              "data.toy_num_val=4", "rollout.val_n=2", "logging.progress_bar=false"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
@@ -28,8 +28,8 @@ def _first_step(launcher, out, *overrides):
 
 
 @pytest.fixture(scope="module")
-def single_process_step(tmp_path_factory):
-    return _first_step([sys.executable], tmp_path_factory.mktemp("single"))
+def single_process_step(tmp_path_factory, toy_warm_start):
+    return _first_step([sys.executable], tmp_path_factory.mktemp("single"), toy_warm_start)
 
 
 @pytest.mark.parametrize(
@@ -43,8 +43,8 @@ def single_process_step(tmp_path_factory):
     ],
     ids=["tp2", "pp2-collectives", "tp2-fused_linear-collectives", "tp2-naive", "tp2-sp-distopt"],
 )
-def test_two_process_layout_matches_single_process(single_process_step, tmp_path, layout):
-    parallel = _first_step(TORCHRUN, tmp_path, *layout)
+def test_two_process_layout_matches_single_process(single_process_step, toy_warm_start, tmp_path, layout):
+    parallel = _first_step(TORCHRUN, tmp_path, toy_warm_start, *layout)
     assert parallel["acc/mean"] == single_process_step["acc/mean"]  # same rollouts: they do not depend on the layout
     for key in ("actor/pg_loss", "actor/grad_norm", "entropy/mean", "rollout/train_logprob_abs_diff"):
         assert parallel[key] == pytest.approx(single_process_step[key], rel=1e-4, abs=1e-6), key
@@ -54,9 +54,9 @@ def test_interleaved_pipeline_matches_single_process_and_its_checkpoint_converts
     """PP=2 × 2 virtual stages (4-layer toy): same first step as one process; its checkpoint converts to HF
     equal to the run's own HF export."""
     four_layers = ["toy_model.num_hidden_layers=4", "trainer.save_interval=2", "trainer.export_hf=true"]
-    single = _first_step([sys.executable], tmp_path / "single", *four_layers)
-    interleaved = _first_step(TORCHRUN, tmp_path / "vpp", *four_layers, "parallel.pipeline_model_parallel_size=2",
-                              "parallel.virtual_pipeline_model_parallel_size=2")
+    single = _first_step([sys.executable], tmp_path / "single", *four_layers, "toy_model.sft_steps=300")
+    interleaved = _first_step(TORCHRUN, tmp_path / "vpp", *four_layers, f"model.hf_path={tmp_path / 'single' / 'toy_init'}",
+                              "parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2")
     assert interleaved["acc/mean"] == single["acc/mean"]
     for key in ("actor/pg_loss", "actor/grad_norm", "entropy/mean"):
         assert interleaved[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key

@@ -69,6 +69,13 @@ def test_demonstration_noise_wrong_steps_rambling_and_loops(tmp_path):
     for record, text in zip(records[:20], clean):
         rambled = _text(record, rambling, rng)
         assert compute_score(rambled, record.ground_truth)["acc"] and len(rambled.split()) >= len(text.split()) + 2
+    lost = ToyModelConfig(sft_step_error=0.0, sft_ramble=1.0, sft_ramble_repeats=20, sft_ramble_error=1.0, sft_loop=0.0)
+    lost_texts = [_text(r, lost, rng) for r in records]
+    extra_words = [len(t.split()) - len(c.split()) for t, c in zip(lost_texts, clean)]
+    assert min(extra_words) == 2 and max(extra_words) == 20  # repeats 2..20
+    # the count is lost after the repeats unless the repeated number was the last one: mostly wrong
+    wrong_share = 1 - sum(compute_score(t, r.ground_truth)["acc"] for t, r in zip(lost_texts, records)) / len(records)
+    assert 0.75 < wrong_share < 1.0
     looping = ToyModelConfig(sft_step_error=0.0, sft_ramble=0.0, sft_loop=1.0)
     for record in records[:20]:
         ids = _demonstration(record, looping, TOKENIZER, rng)

@@ -99,9 +99,10 @@ def test_fused_linear_dapo_loss_matches_naive(mode, chunk_size):
 
 
 @pytest.mark.parametrize("impl", ["naive", "fused", "fused_linear"])
-def test_up_clipped_probability_of_each_loss_impl(impl):
+def test_up_clipped_probability_and_clip_fractions_of_each_loss_impl(impl):
     """``prob/up_clipped_mean`` of each ``model.loss_impl`` over two micro-batches, as the actor reduces it, equals
-    Σ π / count over the up-clipped tokens computed with plain ``log_softmax``."""
+    Σ π / count over the up-clipped tokens computed with plain ``log_softmax``; the clip fractions are shares of
+    the tokens with a non-zero advantage."""
     from megatron_dapo.actor.actor import metric_sums
     from megatron_dapo.ops.dapo_loss import METRIC_SUM_KEYS, dapo_loss_terms, fused_linear_dapo_loss_terms, step_loss_metrics
 
@@ -109,10 +110,10 @@ def test_up_clipped_probability_of_each_loss_impl(impl):
     hidden, weight, labels, _ = loss_op_inputs(seed=7)
     ref_logprob, _ = reference(hidden @ weight.t(), labels, 0.7)
     batch = dapo_micro_batch(labels, with_ref=False)
-    ratio = torch.tensor([1.5, 0.9]).repeat(labels.shape[1] // 2)  # 1.5 > 1 + 0.1 on even positions only
+    ratio = torch.tensor([1.5, 0.7]).repeat(labels.shape[1] // 2)  # 1.5 > 1 + 0.1 on even positions, 0.7 < 1 − 0.2
     batch["old_logprobs"] = (ref_logprob - ratio.log()).float()
 
-    def up_clipped_mean(advantages: list[float]) -> float:
+    def step_metrics(advantages: list[float]) -> dict[str, float]:
         batch["advantages"] = torch.tensor(advantages).unsqueeze(1).expand_as(labels).contiguous()
         outputs = []
         for rows in (slice(0, 2), slice(2, 3)):
@@ -124,10 +125,18 @@ def test_up_clipped_probability_of_each_loss_impl(impl):
             logprobs, _ = op(hidden[rows] @ weight.t(), labels[rows], VOCAB, 0.7)
             outputs.append(dapo_loss_terms(logprobs, micro, loss)[2])
         total = dict(zip(METRIC_SUM_KEYS, metric_sums(outputs, torch.device("cpu")).tolist()))
-        return step_loss_metrics(total)["prob/up_clipped_mean"]
+        return step_loss_metrics(total)
 
-    up = (batch["loss_mask"] > 0) & (ratio > 1.1) & torch.tensor([[True], [False], [True]])  # rows with A > 0
+    mask = batch["loss_mask"] > 0
+    up = mask & (ratio > 1.1) & torch.tensor([[True], [False], [True]])  # rows with A > 0
     expected = ref_logprob.exp()[up].sum().item() / up.sum().item()
     assert up.sum() == 1 + 4  # rows 0 and 2: 2 and 8 response tokens, every other one up-clipped
-    assert up_clipped_mean([1.0, -1.0, 0.5]) == pytest.approx(expected, rel=1e-5)
-    assert up_clipped_mean([-1.0, -1.0, -0.5]) == 0.0  # none clipped at the upper bound
+    assert step_metrics([1.0, -1.0, 0.5])["prob/up_clipped_mean"] == pytest.approx(expected, rel=1e-5)
+    assert step_metrics([-1.0, -1.0, -0.5])["prob/up_clipped_mean"] == 0.0  # none clipped at the upper bound
+    # clip fractions count the tokens that can clip: those with a non-zero advantage (row 1's A = 0 here)
+    with_signal = step_metrics([1.0, 0.0, -0.5])
+    signal_tokens = mask[[0, 2]].sum().item()
+    up_row_0, low_row_2 = (mask & (ratio > 1.1))[0].sum().item(), (mask & (ratio < 0.8))[2].sum().item()
+    assert (up_row_0, low_row_2) == (1, 4)
+    assert with_signal["pg_clipfrac/high"] == pytest.approx(up_row_0 / signal_tokens)
+    assert with_signal["pg_clipfrac/low"] == pytest.approx(low_row_2 / signal_tokens)

@@ -113,7 +113,7 @@ SIX = _records(("1+1=", "2"), ("2+2=", "4"), ("3+3=", "6"), ("4+4=", "8"), ("5+5
 
 
 def _summary(position, acc):
-    return GroupSummary(position, 0, acc, [1.0 if a else -1.0 for a in acc], [3] * len(acc), 0, 0, 0, 5)
+    return GroupSummary(position, 0, acc, [1.0 if a else -1.0 for a in acc], [3] * len(acc), 0, 0, 0, 5, 1.0)
 
 
 def test_training_cutoff_waits_for_every_earlier_group():
@@ -144,6 +144,10 @@ def test_streaming_keeps_groups_in_draw_order_and_gives_back_the_rest(world_of_o
     metrics = step.metrics
     assert metrics["sampling/generated_groups"] == 4 and metrics["sampling/kept_group_frac"] == 1.0
     assert metrics["acc/mean"] == 0.5  # over the used groups only (positions 0 and 1)
+    # entropy/mean covers the responses of the groups drawn up to the cutoff (not those generated past it): the
+    # script's log-probs are −0.1·(i+1), and an engine that reports no entropy is measured by −Σ log π of its tokens
+    lengths = [len(TOKENIZER.encode(answer)) + 1 for p in (0, 1) for answer in MIXED[SIX[order[p]].messages[0]["content"]]]
+    assert metrics["entropy/mean"] == pytest.approx(sum(0.1 * n * (n + 1) / 2 for n in lengths) / sum(lengths))
 
 
 def test_rounds_use_up_everything_drawn(world_of_one):
@@ -355,3 +359,22 @@ def test_the_cpu_engine_gives_a_batch_up_when_asked_and_keeps_it_for_abort():
     engine.submit(requests)
     assert engine.collect() == {} and len(asked) == 1  # asked at the first token, and given up
     assert engine.abort() == 2  # still queued: abort drops them
+
+
+def test_the_cpu_engine_reports_the_exact_entropy_of_its_sampling_distribution():
+    """``entropy_sum`` of each sample equals Σ_t H(softmax(logits_t / T)) from a plain forward of the same model
+    over prompt + response (prompts of two lengths: the engine pads on the left)."""
+    engine = RecordingEngine()
+    prompts = [TOKENIZER.encode("1+1="), TOKENIZER.encode("12+34+5=")]
+    requests = [GroupRequest(key, prompt, 2, seed=key, temperature=0.7, top_p=1.0, max_new_tokens=8)
+                for key, prompt in enumerate(prompts)]
+    for key, samples in engine.generate(requests).items():
+        prompt = prompts[key]
+        for sample in samples:
+            with torch.no_grad():
+                logits = engine.model(torch.tensor([prompt + sample.token_ids])).logits[0].float()
+            steps = logits[len(prompt) - 1 : len(prompt) - 1 + len(sample.token_ids)] / 0.7
+            probs = steps.softmax(dim=-1)
+            expected = -(probs * probs.log()).nan_to_num().sum().item()
+            assert sample.entropy_sum == pytest.approx(expected, rel=1e-4)
+            assert sample.entropy_total() == sample.entropy_sum
