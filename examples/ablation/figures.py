@@ -21,6 +21,7 @@ Writes ``<out>/figures.md`` (each arm's mean ± std over seeds, each arm's paire
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -95,6 +96,7 @@ class Figure:
 
 
 # ---------------------------------------------------------------------------------------------- reading runs
+@functools.cache  # the tables and plots read each run's file for every outcome and panel
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -127,6 +129,7 @@ def held_out(kind: str = "avg", minus_avg: bool = False, x: str = "step") -> Cal
     return read
 
 
+@functools.cache
 def dump_rows(run_dir: Path) -> dict[int, list[dict]]:
     """The rollout dumps (``logging.rollout_dump_interval``), by step."""
     dumps = {}

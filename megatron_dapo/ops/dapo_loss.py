@@ -24,7 +24,7 @@ METRIC_SUM_KEYS = (
     "loss_numerator", "loss_count", "tokens", "signal_tokens", "clip_high", "clip_low", "clip_dual", "ppo_kl", "kl",
     "clip_high_prob",
 )
-# Step metrics of the clipping; a token with zero advantage can never clip, so they count tokens with a signal.
+# The step metrics of clipping: the trainer averages them over the updates after the first (ratio ≡ 1 there).
 CLIP_METRIC_KEYS = ("pg_clipfrac/high", "pg_clipfrac/low", "pg_clipfrac/dual", "prob/up_clipped_mean")
 # Per-token inputs of the loss besides the log-probs.
 LOSS_INPUT_KEYS = ("old_logprobs", "advantages", "loss_mask", "rollout_is_weights", "ref_logprobs")

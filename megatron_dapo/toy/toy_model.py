@@ -92,17 +92,17 @@ def _worked_countdown(start: int, step: int, cfg: ToyModelConfig, rng: random.Ra
         if rng.random() < cfg.sft_step_error:
             number = max(_off_by(number, 2, rng), 0)
         numbers.append(number)
-    words = [str(number) for number in numbers]
     kind = rng.random()
-    repeated = rng.randrange(len(words))
+    repeated = rng.randrange(len(numbers))
+    rambles = cfg.sft_loop <= kind < cfg.sft_loop + cfg.sft_ramble
+    if rambles and repeated + 1 < len(numbers) and rng.random() < cfg.sft_ramble_error:
+        shift = _off_by(0, 2, rng)
+        numbers[repeated + 1 :] = [max(number + shift, 0) for number in numbers[repeated + 1 :]]
+    words = [str(number) for number in numbers]
     if kind < cfg.sft_loop:
         looping = words[: repeated + 1] + [words[repeated]] * LOOP_LENGTH
         return " ".join(looping)[:LOOP_LENGTH], False
-    if kind < cfg.sft_loop + cfg.sft_ramble:
-        if repeated + 1 < len(numbers) and rng.random() < cfg.sft_ramble_error:
-            shift = _off_by(0, 2, rng)
-            numbers[repeated + 1 :] = [max(number + shift, 0) for number in numbers[repeated + 1 :]]
-            words = [str(number) for number in numbers]
+    if rambles:
         words = words[: repeated + 1] + [words[repeated]] * rng.randint(2, cfg.sft_ramble_repeats) + words[repeated + 1 :]
     return " ".join(words) + f" Answer: {numbers[-1]}", True
 
